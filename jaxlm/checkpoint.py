@@ -1,0 +1,125 @@
+"""jaxlm model directories: ``config.json`` (the ModelConfig), orbax ``params/``, tokenizer files.
+
+Writes are atomic: everything goes to a hidden sibling directory that is renamed into place only
+once complete, so a failure never leaves a half-written destination or touches an existing one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import jax
+
+from jaxlm.config import ModelConfig
+
+FORMAT = "jaxlm-model-v1"
+
+
+def is_model_dir(path) -> bool:
+    p = Path(path, "config.json")
+    return p.is_file() and json.loads(p.read_text()).get("format") == FORMAT
+
+
+@contextlib.contextmanager
+def atomic_dir(dst, overwrite: bool = False):
+    """Yield a fresh temporary directory that becomes ``dst`` if the block succeeds.
+
+    Refuses a ``dst`` that exists and is not empty unless ``overwrite``; on failure the
+    temporary directory is removed and ``dst`` is left exactly as it was.
+    """
+    dst = Path(dst).absolute()
+    if dst.exists() and not dst.is_dir():
+        raise FileExistsError(f"destination {dst} exists and is not a directory")
+    if dst.is_dir() and any(dst.iterdir()) and not overwrite:
+        raise FileExistsError(f"destination {dst} exists and is not empty; pass --overwrite to replace it")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if dst.exists():
+        old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(dst, old)
+    os.rename(tmp, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_params(path, params) -> None:
+    """Write a pytree of arrays (numpy or jax) as an orbax checkpoint at ``path`` (must not exist)."""
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(Path(path).absolute(), params)
+
+
+def restore_params(path, abstract, sharding=None):
+    """Read an orbax param tree shaped like ``abstract`` (ShapeDtypeStructs).
+
+    ``sharding``: a pytree of shardings like ``abstract``, or None for the first local device.
+    """
+    import orbax.checkpoint as ocp
+
+    if sharding is None:
+        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        sharding = jax.tree.map(lambda _: one, abstract)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, sharding)
+    with ocp.StandardCheckpointer() as ckptr:
+        stored = ckptr.metadata(Path(path).absolute())
+        _check_tree(stored, abstract)
+        return ckptr.restore(Path(path).absolute(), target)
+
+
+def _check_tree(stored, abstract) -> None:
+    """Name the first tensor whose presence or shape differs between a checkpoint and the config."""
+    stored_tree = getattr(stored, "item_metadata", stored)
+    stored_tree = getattr(stored_tree, "tree", stored_tree)
+    flat_s = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(stored_tree)}
+    flat_a = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(abstract)}
+    for name, a in flat_a.items():
+        if name not in flat_s:
+            raise ValueError(f"checkpoint has no tensor {name} that the config needs")
+        shape = tuple(getattr(flat_s[name], "shape", ()))
+        if shape != tuple(a.shape):
+            raise ValueError(f"checkpoint tensor {name} has shape {shape}, the config expects {tuple(a.shape)}")
+
+
+def save_model(dst, config: ModelConfig, params, tokenizer=None, *, overwrite: bool = False) -> Path:
+    """Write a jaxlm model directory atomically. ``params``: pure dict of arrays."""
+    with atomic_dir(dst, overwrite) as tmp:
+        save_params(tmp / "params", params)
+        write_config(tmp, config)
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+    return Path(dst)
+
+
+def write_config(directory, config: ModelConfig) -> None:
+    Path(directory, "config.json").write_text(
+        json.dumps({"format": FORMAT, **config.to_dict()}, indent=2) + "\n")
+
+
+def read_config(path) -> ModelConfig:
+    d = json.loads(Path(path, "config.json").read_text())
+    d.pop("format", None)
+    return ModelConfig.from_dict(d)
+
+
+def load_model(path, sharding=None):
+    """(config, params, tokenizer) from a jaxlm model directory."""
+    from jaxlm.tokenizer import load_tokenizer
+    from jaxlm.transformer import abstract_params
+
+    config = read_config(path)
+    params = restore_params(Path(path, "params"), abstract_params(config), sharding)
+    return config, params, load_tokenizer(path)

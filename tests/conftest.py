@@ -1,0 +1,45 @@
+"""Shared fixtures: Hugging Face models with random weights, written once per session to a temp dir."""
+
+import os
+
+# Tests that need several devices run on 8 simulated CPU devices; this must precede JAX's backend init.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from jaxlm.testing import save_random_hf  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def hf_dir(tmp_path_factory):
+    """hf_dir(architecture, size="tiny") -> path of a saved random HF model (cached per session)."""
+    cache = {}
+
+    def make(architecture, size="tiny", **config):
+        key = (architecture, size, tuple(sorted(config.items())))
+        if key not in cache:
+            dst = tmp_path_factory.mktemp(f"{architecture}-{size}")
+            # Moderately large init keeps logits peaked (greedy tokens are not near-ties) without
+            # overflowing the 12-layer shapes.
+            init = 0.2 if size == "tiny" else 0.05
+            cache[key] = save_random_hf(architecture, dst, size=size, init_range=init, **config)
+        return cache[key]
+
+    return make
+
+
+def ragged_batch(vocab, lengths, total=None, seed=0, left=False):
+    """Token ids [B, T] and a padding mask for rows of the given lengths (right padding by default)."""
+    rng = np.random.RandomState(seed)
+    total = total or max(lengths)
+    ids = rng.randint(0, vocab, (len(lengths), total))
+    mask = np.zeros((len(lengths), total), np.int64)
+    for i, n in enumerate(lengths):
+        if left:
+            mask[i, total - n:] = 1
+        else:
+            mask[i, :n] = 1
+    return ids, mask

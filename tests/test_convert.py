@@ -1,0 +1,116 @@
+"""Hugging Face import: parity with transformers (PyTorch) on the same weights, and bad input."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import jaxlm
+import jaxlm.cli
+from jaxlm.convert import hf_to_params
+from jaxlm.testing import minilm_dir
+
+from conftest import ragged_batch
+
+TOL = 1e-4
+
+
+def hf_outputs(path, ids, mask):
+    config = transformers.AutoConfig.from_pretrained(path)
+    model = getattr(transformers, config.architectures[0]).from_pretrained(path).eval()
+    with torch.no_grad():
+        return model(torch.tensor(ids), attention_mask=torch.tensor(mask))
+
+
+def max_err(ours, ref, mask=None):
+    diff = np.abs(np.asarray(ours, np.float64) - np.asarray(ref, np.float64))
+    return diff[mask.astype(bool)].max() if mask is not None else diff.max()
+
+
+@pytest.mark.parametrize("size", ["tiny", pytest.param("base", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("arch", ["GPT2LMHeadModel", "GPT2Model", "BertModel", "BertForMaskedLM",
+                                  "BertForSequenceClassification"])
+def test_parity_with_transformers(hf_dir, arch, size):
+    path = hf_dir(arch, size)
+    lm = jaxlm.load(path)
+    ids, mask = ragged_batch(lm.config.vocab_size, [17, 9, 4], seed=1)
+    ref = hf_outputs(path, ids, mask)
+    if arch in ("GPT2Model", "BertModel"):
+        err = max_err(lm.hidden_states(ids, mask), ref.last_hidden_state, mask)
+    elif arch == "BertForSequenceClassification":
+        err = max_err(lm.logits(ids, mask), ref.logits)
+    else:
+        err = max_err(lm.logits(ids, mask), ref.logits, mask)
+    print(f"{arch} {size}: max abs err {err:.2e}")
+    assert err <= TOL
+
+
+def test_parity_real_pretrained_bert():
+    """all-MiniLM-L6-v2: real trained weights and its tokenizer.json, text in, hidden states out."""
+    path = minilm_dir()
+    lm = jaxlm.load(path)
+    texts = ["JAX compiles numerical programs.", "The quick brown fox jumps over the lazy dog!"]
+    rows = [lm.tokenizer.encode(t) for t in texts]
+    ids = np.zeros((2, max(map(len, rows))), np.int64)
+    mask = np.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)], mask[i, :len(r)] = r, 1
+    ref = hf_outputs(path, ids, mask)
+    assert max_err(lm.hidden_states(ids, mask), ref.last_hidden_state, mask) <= TOL
+
+
+def test_sharded_safetensors_and_pytorch_bin(hf_dir, tmp_path):
+    src = hf_dir("GPT2LMHeadModel")
+    model = transformers.GPT2LMHeadModel.from_pretrained(src)
+    sharded, pickled = tmp_path / "sharded", tmp_path / "bin"
+    model.save_pretrained(sharded, max_shard_size="1MB")
+    assert (sharded / "model.safetensors.index.json").is_file()
+    pickled.mkdir()
+    shutil.copy(src / "config.json", pickled)
+    torch.save(model.state_dict(), pickled / "pytorch_model.bin")
+    _, want = hf_to_params(src)
+    for d in (sharded, pickled):
+        _, got = hf_to_params(d)
+        for a, b in zip(jax_leaves(want), jax_leaves(got)):
+            np.testing.assert_array_equal(a, b)
+
+
+def jax_leaves(tree):
+    import jax
+
+    return jax.tree.leaves(tree)
+
+
+def test_convert_then_load_matches_hf_dir(hf_dir, tmp_path):
+    for arch in ("GPT2LMHeadModel", "BertForMaskedLM"):
+        src, dst = hf_dir(arch), tmp_path / arch
+        assert jaxlm.cli.main(["convert", str(src), str(dst)]) == 0
+        ids, mask = ragged_batch(1000, [12, 5], seed=3)
+        a, b = jaxlm.load(src), jaxlm.load(dst)
+        assert b.config == a.config
+        np.testing.assert_array_equal(np.asarray(a.logits(ids, mask)), np.asarray(b.logits(ids, mask)))
+        assert b.tokenizer.encode("round trip é 字") == a.tokenizer.encode("round trip é 字")
+
+
+def test_bad_weight_shape_names_tensor(hf_dir, tmp_path):
+    src = tmp_path / "bad"
+    shutil.copytree(hf_dir("GPT2LMHeadModel"), src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["n_inner"] = 128  # the file's MLP is 4 * 64 = 256 wide
+    (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"h\.0\.mlp\.c_fc\.(weight|bias) has shape \((64, )?256,?\)"):
+        hf_to_params(src)
+
+
+def test_tied_weights_absent_and_buffers_skipped(hf_dir):
+    from safetensors import safe_open
+
+    src = hf_dir("BertForMaskedLM")
+    with safe_open(str(src / "model.safetensors"), framework="np") as f:
+        names = set(f.keys())
+    assert "cls.predictions.decoder.weight" not in names  # tied: only the embedding is stored
+    config, params = hf_to_params(src)
+    assert "decoder" not in params["mlm"] and config.tie_embeddings

@@ -56,10 +56,24 @@ def atomic_dir(dst, overwrite: bool = False):
 
 def save_params(path, params) -> None:
     """Write a pytree of arrays (numpy or jax) as an orbax checkpoint at ``path`` (must not exist)."""
-    import orbax.checkpoint as ocp
+    import orbax.checkpoint.experimental.v1 as ocp
 
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(Path(path).absolute(), params)
+    ocp.save(Path(path).absolute(), params)
+
+
+class StreamingParamWriter:
+    """Write a param tree piece by piece (orbax partial saves), holding one piece in memory at a time."""
+
+    def __init__(self, path):
+        import orbax.checkpoint.experimental.v1 as ocp
+
+        self._ocp, self.path = ocp, Path(path).absolute()
+
+    def write(self, subtree: dict) -> None:
+        self._ocp.partial.save(self.path, subtree)
+
+    def finalize(self) -> None:
+        self._ocp.partial.finalize(self.path)
 
 
 def restore_params(path, abstract, sharding=None):
@@ -67,24 +81,21 @@ def restore_params(path, abstract, sharding=None):
 
     ``sharding``: a pytree of shardings like ``abstract``, or None for the first local device.
     """
-    import orbax.checkpoint as ocp
+    import orbax.checkpoint.experimental.v1 as ocp
 
     if sharding is None:
         one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         sharding = jax.tree.map(lambda _: one, abstract)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, sharding)
-    with ocp.StandardCheckpointer() as ckptr:
-        stored = ckptr.metadata(Path(path).absolute())
-        _check_tree(stored, abstract)
-        return ckptr.restore(Path(path).absolute(), target)
+    path = Path(path).absolute()
+    _check_tree(ocp.metadata(path).metadata, abstract)
+    return ocp.load(path, target)
 
 
 def _check_tree(stored, abstract) -> None:
     """Name the first tensor whose presence or shape differs between a checkpoint and the config."""
-    stored_tree = getattr(stored, "item_metadata", stored)
-    stored_tree = getattr(stored_tree, "tree", stored_tree)
-    flat_s = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(stored_tree)}
+    flat_s = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(stored)}
     flat_a = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(abstract)}
     for name, a in flat_a.items():
         if name not in flat_s:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 
@@ -55,25 +55,46 @@ def hf_weight_files(src) -> list[Path]:
     raise FileNotFoundError(f"{src} holds no weights (model.safetensors or pytorch_model.bin)")
 
 
-def hf_tensors(src) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield (name, float32 array) for every tensor, reading one at a time."""
-    for path in hf_weight_files(src):
-        if path.suffix == ".safetensors":
-            from safetensors import safe_open
+class HFWeights:
+    """Random access to the tensors of an HF checkpoint by name, one float32 array at a time.
 
-            with safe_open(str(path), framework="np") as f:
-                for name in f.keys():
-                    yield name, np.asarray(f.get_tensor(name), np.float32)
-        else:
-            try:
-                import torch
-            except ImportError:
-                raise RuntimeError(
-                    f"{path.name} is a PyTorch pickle and torch is not installed; "
-                    "install jaxlm[hf] or save the model as safetensors") from None
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            for name in list(state):
-                yield name, state.pop(name).float().numpy()
+    Each safetensors read opens and closes the file, so memory-mapped pages are not kept resident.
+    """
+
+    def __init__(self, src):
+        self._where: dict[str, Path] = {}
+        self._torch_state = None
+        for path in hf_weight_files(src):
+            if path.suffix == ".safetensors":
+                from safetensors import safe_open
+
+                with safe_open(str(path), framework="np") as f:
+                    self._where.update(dict.fromkeys(f.keys(), path))
+            else:
+                self._where.update(dict.fromkeys(self._load_torch(path), path))
+
+    def _load_torch(self, path):
+        try:
+            import torch
+        except ImportError:
+            raise RuntimeError(
+                f"{path.name} is a PyTorch pickle and torch is not installed; "
+                "install jaxlm[hf] or save the model as safetensors") from None
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        self._torch_state = {**(self._torch_state or {}), **state}
+        return list(state)
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def get(self, name: str) -> np.ndarray:
+        path = self._where[name]
+        if path.suffix != ".safetensors":
+            return self._torch_state[name].float().numpy()
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="np") as f:
+            return np.asarray(f.get_tensor(name), np.float32)
 
 
 def _t(w):
@@ -181,68 +202,83 @@ def _unflatten(flat):
     return tree
 
 
-def hf_to_params(src, config: ModelConfig | None = None, tensors=None, log=None):
-    """(config, params) from an HF model dir. params: pure dict of float32 numpy arrays.
+def _converted_groups(src, config: ModelConfig, log=None):
+    """Yield flat {jaxlm name: array} dicts, one per rule, each complete over all layers.
 
-    Tensors are read one at a time and written into preallocated stacked arrays, so peak memory
-    stays near one copy of the model.
+    Only one group (e.g. the q/k/v kernels of every layer) is in memory at a time.
     """
     from jaxlm.transformer import abstract_params
 
-    hf = read_hf_config(src)
-    config = config or ModelConfig.from_hf(hf)
-    rules_fn, prefix = _FAMILIES[hf["model_type"]]
+    model_type = read_hf_config(src)["model_type"]
+    rules_fn, prefix = _FAMILIES[model_type]
     rules = [(re.compile(p), shape, targets) for p, shape, targets in rules_fn(config)]
     expected = _flatten(abstract_params(config))
-    out: dict[str, np.ndarray] = {}
-    filled: dict[str, set] = {name: set() for name in expected}
+    weights = HFWeights(src)
+
+    # Match every tensor name to its rule first, so a missing weight fails before any reading.
+    matched: dict[int, list] = {}
     ignored = []
-    for name, w in (tensors if tensors is not None else hf_tensors(src)):
+    for name in weights.names():
         key = name[len(prefix):] if name.startswith(prefix) else name
-        for pattern, shape, targets in rules:
+        for i, (pattern, _, _) in enumerate(rules):
             m = pattern.fullmatch(key)
             if m:
+                layer = int(m.group(1)) if m.groups() else None
+                if layer is not None and layer >= config.n_layers:
+                    raise ValueError(f"weight {name} is for layer {layer}, but the config has {config.n_layers} layers")
+                matched.setdefault(i, []).append((name, layer))
                 break
         else:
             if not _SKIP.search(key):
                 ignored.append(name)
-            continue
-        if tuple(w.shape) != tuple(shape):
-            raise ValueError(f"weight {name} has shape {tuple(w.shape)}, but the config implies {tuple(shape)}")
-        layer = int(m.group(1)) if m.groups() else None
-        if layer is not None and layer >= config.n_layers:
-            raise ValueError(f"weight {name} is for layer {layer}, but the config has {config.n_layers} layers")
-        for target, fn in targets:
-            if target not in out:
-                out[target] = np.empty(expected[target].shape, np.float32)
-            if layer is None:
-                out[target][...] = fn(w)
-            else:
-                out[target][layer] = fn(w)
-            filled[target].add(layer)
-        del w
-    missing = [t for t, layers in filled.items()
-               if (layers != set(range(config.n_layers)) if t.startswith("layers.") else not layers)]
+    covered = {}
+    for i, items in matched.items():
+        for target, _ in rules[i][2]:
+            covered.setdefault(target, set()).update(layer for _, layer in items)
+    missing = [t for t in expected
+               if covered.get(t) != (set(range(config.n_layers)) if t.startswith("layers.") else {None})]
     if missing:
         raise ValueError(f"{src}: checkpoint lacks weights for {', '.join(missing[:5])}"
                          + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
     if ignored and log is not None:
         log(f"ignored {len(ignored)} tensors jaxlm does not use: {', '.join(ignored[:5])}")
-    return config, _unflatten(out)
+
+    for i, items in sorted(matched.items()):
+        _, shape, targets = rules[i]
+        out = {t: np.empty(expected[t].shape, np.float32) for t, _ in targets}
+        for name, layer in items:
+            w = weights.get(name)
+            if tuple(w.shape) != tuple(shape):
+                raise ValueError(f"weight {name} has shape {tuple(w.shape)}, but the config implies {tuple(shape)}")
+            for target, fn in targets:
+                out[target][... if layer is None else layer] = fn(w)
+        if out:
+            yield out
+
+
+def hf_to_params(src, config: ModelConfig | None = None, log=None):
+    """(config, params) from an HF model dir. params: pure dict of float32 numpy arrays."""
+    config = config or ModelConfig.from_hf(read_hf_config(src))
+    flat = {}
+    for group in _converted_groups(src, config, log):
+        flat.update(group)
+    return config, _unflatten(flat)
 
 
 def convert(src, dst, *, overwrite: bool = False, log=None) -> Path:
     """HF model dir -> jaxlm model dir (config.json, params/, tokenizer files)."""
-    from jaxlm.checkpoint import atomic_dir, save_params, write_config
+    from jaxlm.checkpoint import StreamingParamWriter, atomic_dir, write_config
     from jaxlm.tokenizer import copy_tokenizer_files  # noqa: F401
 
     hf = read_hf_config(src)
     config = ModelConfig.from_hf(hf)
     # Refuse a non-empty DST before the (long) read.
     with atomic_dir(dst, overwrite) as tmp:
-        config, params = hf_to_params(src, config, log=log)
-        save_params(tmp / "params", params)
-        del params
+        # Stream: one group of tensors in memory at a time (peak ~ one copy of the largest matrix).
+        writer = StreamingParamWriter(tmp / "params")
+        for group in _converted_groups(src, config, log):
+            writer.write(_unflatten(group))
+        writer.finalize()
         write_config(tmp, config)
         copied = copy_tokenizer_files(src, tmp)
         if log is not None:

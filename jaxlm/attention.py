@@ -14,7 +14,7 @@ from jaxlm.layers import Dense, apply_rope, dropout
 
 
 def make_mask(key_valid, query_slots=None, *, causal: bool):
-    """Boolean mask [B, 1, T, S]: which keys each query may attend to.
+    """Boolean mask [B, 1, T, S] (causal) or [B, 1, 1, S]: which keys each query may attend to.
 
     key_valid: [B, S] bool, False for padding (or not yet written cache slots).
     query_slots: [B, T] int, the key index each query sits at (default: 0..T-1, i.e. T == S).

@@ -218,6 +218,10 @@ def _hf_act(name: str) -> str:
     return _ACT_FROM_HF[name]
 
 
+def _ff(d_ff, d_model):
+    return None if d_ff in (None, 4 * d_model) else d_ff
+
+
 def _gpt2_from_hf(hf: dict, arch: str) -> ModelConfig:
     for flag, ok in (("scale_attn_by_inverse_layer_idx", False), ("reorder_and_upcast_attn", False),
                      ("add_cross_attention", False), ("scale_attn_weights", True)):
@@ -228,7 +232,7 @@ def _gpt2_from_hf(hf: dict, arch: str) -> ModelConfig:
         name=hf.get("_name_or_path") or "gpt2", arch="decoder",
         vocab_size=hf.get("vocab_size", 50257), max_len=hf.get("n_positions", 1024),
         d_model=d, n_layers=hf.get("n_layer", 12), n_heads=hf.get("n_head", 12),
-        d_ff=hf.get("n_inner") or 4 * d, activation=_hf_act(hf.get("activation_function", "gelu_new")),
+        d_ff=_ff(hf.get("n_inner"), d), activation=_hf_act(hf.get("activation_function", "gelu_new")),
         norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5), norm_position="pre",
         positions="learned", tie_embeddings=hf.get("tie_word_embeddings", True), head="lm",
         dropout=hf.get("resid_pdrop", 0.1), attention_dropout=hf.get("attn_pdrop", 0.1),
@@ -250,7 +254,8 @@ def _bert_from_hf(hf: dict, arch: str) -> ModelConfig:
         name=hf.get("_name_or_path") or "bert", arch="encoder",
         vocab_size=hf.get("vocab_size", 30522), max_len=hf.get("max_position_embeddings", 512),
         d_model=hf.get("hidden_size", 768), n_layers=hf.get("num_hidden_layers", 12),
-        n_heads=hf.get("num_attention_heads", 12), d_ff=hf.get("intermediate_size", 3072),
+        n_heads=hf.get("num_attention_heads", 12),
+        d_ff=_ff(hf.get("intermediate_size", 3072), hf.get("hidden_size", 768)),
         activation=_hf_act(hf.get("hidden_act", "gelu")), norm="layernorm",
         norm_eps=hf.get("layer_norm_eps", 1e-12), norm_position="post", embed_norm=True,
         final_norm=False, positions="learned", type_vocab_size=hf.get("type_vocab_size", 2),

@@ -225,4 +225,4 @@ def abstract_model(cfg: ModelConfig) -> Transformer:
 
 def abstract_params(cfg: ModelConfig) -> dict:
     """The parameter tree as a pure dict of ShapeDtypeStructs (what checkpoints and converters fill)."""
-    return nnx.state(abstract_model(cfg), nnx.Param).to_pure_dict()
+    return nnx.to_pure_dict(nnx.state(abstract_model(cfg), nnx.Param))

@@ -1,0 +1,91 @@
+"""The jaxlm command: conversion end to end, bad input as one line, no half-written output."""
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+
+def jaxlm_cmd(*args):
+    return subprocess.run([sys.executable, "-m", "jaxlm.cli", *map(str, args)], capture_output=True, text=True)
+
+
+def assert_one_line_error(proc, pattern):
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+def test_convert_script_and_command(hf_dir, tmp_path):
+    src = hf_dir("GPT2LMHeadModel")
+    proc = subprocess.run([sys.executable, "scripts/convert_hf.py", str(src), str(tmp_path / "a")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["config.json", "merges.txt", "params", "vocab.json"]
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["format"] == "jaxlm-model-v1"
+
+
+def test_missing_and_empty_sources(tmp_path):
+    assert_one_line_error(jaxlm_cmd("convert", tmp_path / "nope", tmp_path / "out"), r"nope does not exist")
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(jaxlm_cmd("convert", tmp_path / "empty", tmp_path / "out"),
+                          r"holds no model: config.json not found")
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    assert_one_line_error(jaxlm_cmd("convert", tmp_path / "cfg", tmp_path / "out"), r"holds no weights")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unsupported_architecture_names_supported_ones(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    assert_one_line_error(jaxlm_cmd("convert", tmp_path / "m", tmp_path / "out"),
+                          r"unsupported model_type 'llama'; supported: gpt2, bert")
+
+
+def test_shape_mismatch_names_tensor_and_leaves_no_output(hf_dir, tmp_path):
+    src = tmp_path / "bad"
+    shutil.copytree(hf_dir("BertForMaskedLM"), src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["intermediate_size"] = 128
+    (src / "config.json").write_text(json.dumps(cfg))
+    assert_one_line_error(jaxlm_cmd("convert", src, tmp_path / "out"),
+                          r"weight bert\.encoder\.layer\.0\.(intermediate|output)\.dense\.(weight|bias) has shape")
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp dirs left
+
+
+def test_non_empty_destination_refused_and_preserved(hf_dir, tmp_path):
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "mine.txt").write_text("keep me")
+    assert_one_line_error(jaxlm_cmd("convert", hf_dir("GPT2LMHeadModel"), dst), r"not empty; pass --overwrite")
+    assert (dst / "mine.txt").read_text() == "keep me"
+    # A failing --overwrite conversion leaves the old destination untouched.
+    bad = tmp_path / "bad"
+    shutil.copytree(hf_dir("GPT2LMHeadModel"), bad)
+    (bad / "model.safetensors").unlink()
+    assert_one_line_error(jaxlm_cmd("convert", bad, dst, "--overwrite"), r"holds no weights")
+    assert (dst / "mine.txt").read_text() == "keep me"
+    proc = jaxlm_cmd("convert", hf_dir("GPT2LMHeadModel"), dst, "--overwrite")
+    assert proc.returncode == 0 and not (dst / "mine.txt").exists() and (dst / "params").is_dir()
+
+
+@pytest.mark.slow
+def test_convert_124m_peak_memory_under_twice_file_size(hf_dir, tmp_path):
+    src = hf_dir("GPT2LMHeadModel", "base")
+    size = (src / "model.safetensors").stat().st_size
+    # A fresh wrapper process whose only child is the conversion, so RUSAGE_CHILDREN is its peak.
+    code = ("import resource, subprocess, sys; "
+            f"r = subprocess.run([sys.executable, '-m', 'jaxlm.cli', 'convert', {str(src)!r}, {str(tmp_path / 'out')!r}]); "
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024); sys.exit(r.returncode)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    peak = int(proc.stdout.split()[-1])
+    print(f"convert 124M: peak RSS {peak / 2**20:.0f} MiB = {peak / size:.2f}x the {size / 2**20:.0f} MiB file")
+    assert peak <= 2 * size

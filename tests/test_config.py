@@ -1,0 +1,56 @@
+"""ModelConfig: presets agree with Hugging Face's configs; bad values get one clear message."""
+
+import pytest
+import transformers
+
+from jaxlm import ModelConfig
+from jaxlm.config import PRESETS
+
+
+@pytest.mark.parametrize("preset, hf", [
+    ("gpt2", transformers.GPT2Config()),
+    ("gpt2-medium", transformers.GPT2Config(n_embd=1024, n_layer=24, n_head=16)),
+    ("gpt2-large", transformers.GPT2Config(n_embd=1280, n_layer=36, n_head=20)),
+    ("gpt2-xl", transformers.GPT2Config(n_embd=1600, n_layer=48, n_head=25)),
+    ("bert-base-uncased", transformers.BertConfig(architectures=["BertForMaskedLM"])),
+    ("bert-large-uncased", transformers.BertConfig(architectures=["BertForMaskedLM"], hidden_size=1024,
+                                                   num_hidden_layers=24, num_attention_heads=16,
+                                                   intermediate_size=4096)),
+])
+def test_presets_match_hf_configs(preset, hf):
+    ours = ModelConfig.preset(preset)
+    theirs = ModelConfig.from_hf(hf.to_dict()).replace(name=preset)
+    assert ours == theirs
+
+
+def test_hf_round_trip_and_dict_round_trip():
+    for name in PRESETS:
+        cfg = ModelConfig.preset(name)
+        assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+        assert ModelConfig.from_hf(cfg.to_hf()).replace(name=name) == cfg
+
+
+def test_derived_values():
+    cfg = ModelConfig.preset("gpt2", n_kv_heads=4)
+    assert (cfg.kv_heads, cfg.dim_per_head, cfg.mlp_dim, cfg.causal) == (4, 64, 3072, True)
+    assert not ModelConfig.bert_base().causal
+
+
+def test_unsupported_hf_models_are_named():
+    with pytest.raises(ValueError, match=r"unsupported model_type 'llama'; supported: gpt2, bert"):
+        ModelConfig.from_hf({"model_type": "llama"})
+    with pytest.raises(ValueError, match=r"unsupported architecture 'BertForQuestionAnswering'; supported: .*BertForMaskedLM"):
+        ModelConfig.from_hf({"model_type": "bert", "architectures": ["BertForQuestionAnswering"]})
+    with pytest.raises(ValueError, match="scale_attn_by_inverse_layer_idx"):
+        ModelConfig.from_hf({"model_type": "gpt2", "scale_attn_by_inverse_layer_idx": True})
+
+
+def test_config_validation_messages():
+    with pytest.raises(ValueError, match=r"norm='batchnorm' is not one of layernorm, rmsnorm"):
+        ModelConfig(norm="batchnorm")
+    with pytest.raises(ValueError, match="d_model=100 is not divisible by n_heads=12"):
+        ModelConfig(d_model=100)
+    with pytest.raises(ValueError, match=r"unknown model preset 'gpt3'.*did you mean 'gpt2'"):
+        ModelConfig.preset("gpt3")
+    with pytest.raises(ValueError, match=r"unknown ModelConfig field 'n_layer'.*'n_layers'"):
+        ModelConfig.from_dict({"n_layer": 2})

@@ -42,7 +42,7 @@ def main(argv=None) -> int:
         return 130
     except (ValueError, OSError, RuntimeError) as e:
         _log(f"jaxlm {args.command}: error: {e}")
-        return 1
+        return 2
 
 
 if __name__ == "__main__":

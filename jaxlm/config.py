@@ -153,15 +153,12 @@ class ModelConfig:
     def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
         """Build from a Hugging Face ``config.json`` dict (GPT-2 and BERT families)."""
         model_type = hf.get("model_type")
-        if model_type not in HF_ARCHITECTURES:
-            raise ValueError(
-                f"unsupported model_type {model_type!r}; supported: {', '.join(HF_ARCHITECTURES)}"
-            )
-        archs = hf.get("architectures") or [HF_ARCHITECTURES[model_type][0]]
+        supported = [a for v in HF_ARCHITECTURES.values() for a in v]
+        archs = hf.get("architectures") or list(HF_ARCHITECTURES.get(model_type, ["?"]))[:1]
         arch = archs[0]
-        if arch not in HF_ARCHITECTURES[model_type]:
-            supported = [a for v in HF_ARCHITECTURES.values() for a in v]
-            raise ValueError(f"unsupported architecture {arch!r}; supported: {', '.join(supported)}")
+        if model_type not in HF_ARCHITECTURES or arch not in HF_ARCHITECTURES[model_type]:
+            raise ValueError(f"unsupported architecture {arch} (model_type {model_type!r}); "
+                             f"supported: {', '.join(supported)}")
         return _FROM_HF[model_type](hf, arch)
 
     def to_hf(self) -> dict[str, Any]:

@@ -14,7 +14,7 @@ def jaxlm_cmd(*args):
 
 
 def assert_one_line_error(proc, pattern):
-    assert proc.returncode != 0
+    assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, proc.stderr
@@ -45,7 +45,7 @@ def test_unsupported_architecture_names_supported_ones(tmp_path):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
     assert_one_line_error(jaxlm_cmd("convert", tmp_path / "m", tmp_path / "out"),
-                          r"unsupported model_type 'llama'; supported: gpt2, bert")
+                          r"unsupported architecture LlamaForCausalLM \(model_type 'llama'\); supported: GPT2LMHeadModel, GPT2Model, BertModel, BertForMaskedLM, BertForSequenceClassification")
 
 
 def test_shape_mismatch_names_tensor_and_leaves_no_output(hf_dir, tmp_path):

@@ -37,9 +37,9 @@ def test_derived_values():
 
 
 def test_unsupported_hf_models_are_named():
-    with pytest.raises(ValueError, match=r"unsupported model_type 'llama'; supported: gpt2, bert"):
+    with pytest.raises(ValueError, match=r"unsupported architecture \? \(model_type 'llama'\); supported: GPT2LMHeadModel, GPT2Model, BertModel"):
         ModelConfig.from_hf({"model_type": "llama"})
-    with pytest.raises(ValueError, match=r"unsupported architecture 'BertForQuestionAnswering'; supported: .*BertForMaskedLM"):
+    with pytest.raises(ValueError, match=r"unsupported architecture BertForQuestionAnswering \(model_type 'bert'\); supported: .*BertForMaskedLM"):
         ModelConfig.from_hf({"model_type": "bert", "architectures": ["BertForQuestionAnswering"]})
     with pytest.raises(ValueError, match="scale_attn_by_inverse_layer_idx"):
         ModelConfig.from_hf({"model_type": "gpt2", "scale_attn_by_inverse_layer_idx": True})

@@ -63,6 +63,85 @@ class LM:
         """Final hidden states [B, T, D] (HF's last_hidden_state)."""
         return _apply(self._graphdef, self.params, *self._inputs(input_ids, attention_mask, token_type_ids), "hidden")
 
+    def generate(self, prompts, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int = 0, num_return_sequences: int = 1, stop=None,
+                 attention_mask=None, on_token=None):
+        """Continue prompts with the KV-cached, jitted decoder.
+
+        prompts: list[str] -> list[str], the continuations (prompt-major, ``num_return_sequences``
+        each), cut before EOS and before the first ``stop`` string.
+        prompts: int array [B, T] (+ ``attention_mask`` for left padding) or a list of id lists
+        -> int array [B * n, T + max_new_tokens]: the prompts followed by the new tokens (pad after EOS).
+        temperature 0 is greedy; the same seed gives the same output.
+        ``on_token(step, token_ids[B * n])`` is called as each token is produced (streaming).
+        """
+        from jaxlm.generate import Sampling, generate_ids
+
+        cfg = self.config
+        if not cfg.causal:
+            raise ValueError(f"generate() needs a decoder model; {cfg.name!r} is an {cfg.arch}")
+        texts = isinstance(prompts, (list, tuple)) and len(prompts) > 0 and isinstance(prompts[0], str)
+        if isinstance(prompts, str):
+            raise ValueError("prompts must be a list of strings (or of token id lists), not one string")
+        if texts:
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer; pass token ids instead of strings")
+            rows = [self.tokenizer.encode(t, add_special_tokens=False) for t in prompts]
+            width = None
+        else:
+            rows, width = self._prompt_rows(prompts, attention_mask)
+        if len(rows) == 0:
+            raise ValueError("prompts is empty: give at least one prompt")
+        for i, r in enumerate(rows):
+            if not r:
+                raise ValueError(f"prompt {i} is empty: give at least one token")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+        if num_return_sequences < 1:
+            raise ValueError(f"num_return_sequences={num_return_sequences} must be >= 1")
+        longest = max(len(r) for r in rows)
+        if longest + max_new_tokens > cfg.max_len:
+            raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the "
+                             f"model's context of {cfg.max_len} tokens")
+        sampling = Sampling(float(temperature), int(top_k), float(top_p))
+        sampling.check(cfg.vocab_size)
+        tok = self.tokenizer
+        eos = cfg.eos_token_id if cfg.eos_token_id is not None else getattr(tok, "eos_id", None)
+        pad = next(i for i in (cfg.pad_token_id, eos, 0) if i is not None)
+        new = generate_ids(self._graphdef, self.params, cfg, rows, max_new_tokens=max_new_tokens,
+                           sampling=sampling, seed=seed, num_return_sequences=num_return_sequences,
+                           eos_id=eos, pad_id=pad, on_token=on_token)
+        if not texts:
+            n = num_return_sequences
+            head = np.full((len(rows) * n, width), pad, np.int64)
+            for i, r in enumerate(rows):
+                head[i * n:(i + 1) * n, width - len(r):] = r
+            return np.concatenate([head, new], axis=1)
+        return [self._continuation(row, eos, stop) for row in new]
+
+    def _prompt_rows(self, prompts, attention_mask):
+        """Ids (array [B, T] with optional mask, or ragged lists) -> (list of real-token lists, T)."""
+        if isinstance(prompts, (list, tuple)) and prompts and not np.isscalar(prompts[0]) and \
+                len({len(p) for p in prompts}) > 1 and attention_mask is None:
+            rows = [list(map(int, p)) for p in prompts]
+            return rows, max(len(r) for r in rows)
+        ids = np.asarray(prompts)
+        if ids.size == 0:
+            return [], 0
+        ids, mask, _ = self._inputs(ids, attention_mask, None)
+        ids, mask = np.asarray(ids), np.asarray(mask)
+        return [list(map(int, r[m])) for r, m in zip(ids, mask)], ids.shape[1]
+
+    def _continuation(self, new_ids, eos, stop) -> str:
+        ids = list(new_ids)
+        if eos is not None and eos in ids:
+            ids = ids[:ids.index(eos)]
+        text = self.tokenizer.decode(ids)
+        for s in [stop] if isinstance(stop, str) else (stop or []):
+            if s and s in text:
+                text = text[:text.index(s)]
+        return text
+
     def save(self, path, *, overwrite: bool = False) -> Path:
         """Write a jaxlm model directory (config.json, params/, tokenizer files)."""
         from jaxlm.checkpoint import save_model

@@ -34,18 +34,19 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg.d_model, cfg.mlp_dim, cfg.activation, use_bias=cfg.use_bias,
                        std=cfg.init_std, dtype=jnp.dtype(cfg.dtype), rngs=rngs)
 
-    def __call__(self, x, mask, positions, *, cache=None, cache_index=None, key=None):
+    def __call__(self, x, mask, positions, *, kv_cache=None, cache_index=None, key=None):
+        """Returns (x, (k, v)): the new tokens' keys/values, for the caller's KV cache."""
         k_attn, k_mlp = _split(key, 2)
+        attn = dict(kv_cache=kv_cache, cache_index=cache_index, key=k_attn)
         if self.pre_norm:
-            h, cache = self.attn(self.attn_norm(x), mask, positions, cache=cache,
-                                 cache_index=cache_index, key=k_attn)
+            h, kv = self.attn(self.attn_norm(x), mask, positions, **attn)
             x = x + h
             x = x + self.mlp(self.mlp_norm(x), self.dropout, k_mlp)
         else:
-            h, cache = self.attn(x, mask, positions, cache=cache, cache_index=cache_index, key=k_attn)
+            h, kv = self.attn(x, mask, positions, **attn)
             x = self.attn_norm(x + h)
             x = self.mlp_norm(x + self.mlp(x, self.dropout, k_mlp))
-        return x, cache
+        return x, kv
 
 
 class Layers(nnx.Module):
@@ -65,25 +66,38 @@ class Layers(nnx.Module):
         self.blocks = make(rngs)
 
     def __call__(self, x, mask, positions, *, cache=None, cache_index=None, key=None):
-        """x: [B, T, D]; cache: None or {"k", "v": [L, B, S, K, Dh]}. Returns (x, cache)."""
+        """x: [B, T, D]; cache: None or {"k", "v": [L, B, S, K, Dh]}. Returns (x, cache).
+
+        The cache is threaded through the layer loop as a carry and each layer writes only its new
+        tokens into it (dynamic_update_slice), so XLA updates the buffers in place.
+        """
         graphdef, state = nnx.split(self.blocks)
         keys = None if key is None else jax.random.split(key, self.n_layers)
 
-        def body(h, xs):
-            layer_state, layer_cache, layer_key = xs
+        def body(carry, xs):
+            h, kc, vc = carry
+            layer_state, i, layer_key = xs
             block = nnx.merge(graphdef, layer_state)
-            return block(h, mask, positions, cache=layer_cache, cache_index=cache_index, key=layer_key)
+            layer_kv = None if kc is None else (
+                jax.lax.dynamic_index_in_dim(kc, i, keepdims=False),
+                jax.lax.dynamic_index_in_dim(vc, i, keepdims=False))
+            h, (k, v) = block(h, mask, positions, kv_cache=layer_kv, cache_index=cache_index, key=layer_key)
+            if kc is not None:
+                kc = jax.lax.dynamic_update_slice(kc, k[None].astype(kc.dtype), (i, 0, cache_index, 0, 0))
+                vc = jax.lax.dynamic_update_slice(vc, v[None].astype(vc.dtype), (i, 0, cache_index, 0, 0))
+            return (h, kc, vc), None
 
         if self.remat:
             body = jax.checkpoint(body, prevent_cse=not self.scan)
+        carry = (x, None, None) if cache is None else (x, cache["k"], cache["v"])
         if self.scan:
-            return jax.lax.scan(body, x, (state, cache, keys))
-        caches = []
-        for i in range(self.n_layers):
-            x, c = body(x, jax.tree.map(lambda a: a[i], (state, cache, keys)))
-            caches.append(c)
-        new_cache = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *caches)
-        return x, new_cache
+            carry, _ = jax.lax.scan(body, carry, (state, jnp.arange(self.n_layers), keys))
+        else:
+            for i in range(self.n_layers):
+                layer = jax.tree.map(lambda a: a[i], (state, keys))
+                carry, _ = body(carry, (layer[0], i, layer[1]))
+        x, kc, vc = carry
+        return x, (None if cache is None else {"k": kc, "v": vc})
 
 
 class Embeddings(nnx.Module):
@@ -160,6 +174,20 @@ class Decoder(Transformer):
 
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, key=None):
         return self.head(self.hidden_states(input_ids, attention_mask, token_type_ids, key=key))
+
+    def decode(self, input_ids, positions, cache, cache_index, key_valid):
+        """One prefill or decode step over the KV cache.
+
+        input_ids, positions: [B, T], written to cache slots cache_index .. cache_index + T - 1;
+        cache: {"k", "v": [L, B, S, K, Dh]}; key_valid: [B, S] (False for padding slots).
+        Returns (final hidden states [B, T, D], updated cache); ``head`` turns them into logits.
+        """
+        b, t = input_ids.shape
+        slots = jnp.broadcast_to(cache_index + jnp.arange(t), (b, t))
+        mask = make_mask(key_valid, slots, causal=True)
+        x = self.embed(input_ids, positions)
+        x, cache = self.layers(x, mask, positions, cache=cache, cache_index=cache_index)
+        return (self.final_norm(x) if self.final_norm is not None else x), cache
 
 
 class MLMHead(nnx.Module):

@@ -24,8 +24,8 @@ def hf_dir(tmp_path_factory):
             dst = tmp_path_factory.mktemp(f"{architecture}-{size}")
             # Moderately large init keeps logits peaked (greedy tokens are not near-ties) without
             # overflowing the 12-layer shapes.
-            init = 0.2 if size == "tiny" else 0.05
-            cache[key] = save_random_hf(architecture, dst, size=size, init_range=init, **config)
+            config.setdefault("init_range", 0.2 if size == "tiny" else 0.05)
+            cache[key] = save_random_hf(architecture, dst, size=size, **config)
         return cache[key]
 
     return make

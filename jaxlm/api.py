@@ -117,7 +117,7 @@ class LM:
             for i, r in enumerate(rows):
                 head[i * n:(i + 1) * n, width - len(r):] = r
             return np.concatenate([head, new], axis=1)
-        return [self._continuation(row, eos, stop) for row in new]
+        return [self.continuation(row, stop)[0] for row in new]
 
     def _prompt_rows(self, prompts, attention_mask):
         """Ids (array [B, T] with optional mask, or ragged lists) -> (list of real-token lists, T)."""
@@ -132,15 +132,17 @@ class LM:
         ids, mask = np.asarray(ids), np.asarray(mask)
         return [list(map(int, r[m])) for r, m in zip(ids, mask)], ids.shape[1]
 
-    def _continuation(self, new_ids, eos, stop) -> str:
-        ids = list(new_ids)
+    def continuation(self, new_ids, stop=None) -> tuple[str, list[int]]:
+        """(text, ids) of generated ids cut before EOS, the text also before the first stop string."""
+        ids = [int(i) for i in new_ids]
+        eos = self.config.eos_token_id if self.config.eos_token_id is not None else getattr(self.tokenizer, "eos_id", None)
         if eos is not None and eos in ids:
             ids = ids[:ids.index(eos)]
         text = self.tokenizer.decode(ids)
         for s in [stop] if isinstance(stop, str) else (stop or []):
             if s and s in text:
                 text = text[:text.index(s)]
-        return text
+        return text, ids
 
     def save(self, path, *, overwrite: bool = False) -> Path:
         """Write a jaxlm model directory (config.json, params/, tokenizer files)."""

@@ -20,6 +20,55 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    import json
+
+    import jaxlm
+
+    lm = jaxlm.load(args.model)
+    if lm.tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer files; use the Python API with token ids")
+    rows = [lm.tokenizer.encode(p, add_special_tokens=False) for p in args.prompt]
+    n = args.num_return_sequences
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+              top_p=args.top_p, seed=args.seed, num_return_sequences=n)
+    stream = not args.json and len(rows) * n == 1 and not args.stop
+    on_token = None
+    if stream:
+        printer = _TextStream(lm, args.prompt[0])
+        on_token = printer.push
+    out = lm.generate(rows, **kw, on_token=on_token)
+    for r, row in enumerate(out):
+        prompt = args.prompt[r // n]
+        text, ids = lm.continuation(row[-args.max_new_tokens:], args.stop)
+        if args.json:
+            print(json.dumps({"prompt": prompt, "text": text, "token_ids": ids, "sequence": r % n}), flush=True)
+        elif stream:
+            printer.finish(text)
+        else:
+            print(f"{prompt}{text}\n{'-' * 40}" if len(out) > 1 else f"{prompt}{text}", flush=True)
+    return 0
+
+
+class _TextStream:
+    """Prints a continuation as tokens arrive (holding back incomplete UTF-8 sequences)."""
+
+    def __init__(self, lm, prompt):
+        self.lm, self.prompt, self.ids, self.printed = lm, prompt, [], ""
+
+    def push(self, step, tokens):
+        if not self.ids:  # printed once generation has started (after input checks passed)
+            print(self.prompt, end="", flush=True)
+        self.ids.append(int(tokens[0]))
+        text, _ = self.lm.continuation(self.ids)
+        if not text.endswith("\ufffd") and len(text) > len(self.printed):
+            print(text[len(self.printed):], end="", flush=True)
+            self.printed = text
+
+    def finish(self, text):
+        print(text[len(self.printed):] if text.startswith(self.printed) else "", flush=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaxlm", description="Transformer language models in JAX/Flax.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -30,6 +79,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("dst", metavar="DST", help="output directory (must not exist or be empty)")
     c.add_argument("--overwrite", action="store_true", help="replace a non-empty DST (only once the new one is complete)")
     c.set_defaults(func=cmd_convert)
+
+    g = sub.add_parser("generate", help="continue prompts with a model",
+                       description="Generate text. Streams to the terminal; --json prints one object per line.")
+    g.add_argument("model", metavar="MODEL", help="jaxlm model dir, HF model dir or hub id")
+    g.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--num-return-sequences", type=int, default=1)
+    g.add_argument("--stop", action="append", help="cut the text before this string (repeatable)")
+    g.add_argument("--json", action="store_true", help="one JSON object per output: prompt, text, token_ids")
+    g.set_defaults(func=cmd_generate)
     return p
 
 

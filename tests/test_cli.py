@@ -89,3 +89,31 @@ def test_convert_124m_peak_memory_under_twice_file_size(hf_dir, tmp_path):
     peak = int(proc.stdout.split()[-1])
     print(f"convert 124M: peak RSS {peak / 2**20:.0f} MiB = {peak / size:.2f}x the {size / 2**20:.0f} MiB file")
     assert peak <= 2 * size
+
+
+def test_generate_json_and_streaming(hf_dir, tmp_path):
+    import jaxlm
+
+    src = hf_dir("GPT2LMHeadModel")
+    proc = jaxlm_cmd("generate", src, "--prompt", "Hello", "--prompt", "The cat sat", "--max-new-tokens", 8, "--json")
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    want = jaxlm.load(src).generate(["Hello", "The cat sat"], max_new_tokens=8)
+    assert [d["prompt"] for d in lines] == ["Hello", "The cat sat"]
+    assert [d["text"] for d in lines] == want
+    assert all(len(d["token_ids"]) == 8 for d in lines)
+    proc = jaxlm_cmd("generate", src, "--prompt", "Hello", "--max-new-tokens", 8)
+    assert proc.returncode == 0 and proc.stdout == "Hello" + want[0] + "\n"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--top-p", "2"], r"top_p=2.0 must be in \(0, 1\]"),
+    (["--temperature", "-1"], "temperature=-1.0 must be >= 0"),
+    (["--top-k", "60000"], r"top_k=60000 must be in \[0, 50257\]"),
+    (["--num-return-sequences", "0"], "num_return_sequences=0 must be >= 1"),
+    (["--max-new-tokens", "500"], "exceeds the model's context of 128 tokens"),
+])
+def test_generate_bad_input_exits_2(hf_dir, flags, message):
+    proc = jaxlm_cmd("generate", hf_dir("GPT2LMHeadModel"), "--prompt", "Hi", *flags)
+    assert_one_line_error(proc, message)
+    assert proc.stdout == ""

@@ -11,7 +11,7 @@ import numpy as np
 from flax import nnx
 
 from jaxlm.config import ModelConfig
-from jaxlm.transformer import abstract_model
+from jaxlm.transformer import abstract_model, params_for
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "output"))
@@ -27,7 +27,7 @@ class LM:
 
     def __init__(self, config: ModelConfig, params, tokenizer=None):
         self.config = config
-        self.params = params
+        self.params = params_for(config, params)
         self.tokenizer = tokenizer
         self._graphdef = nnx.graphdef(abstract_model(config))
 
@@ -157,9 +157,11 @@ RUNTIME_FIELDS = {"dtype", "scan_layers", "remat", "attention_impl"}
 def load(path, **config_overrides) -> LM:
     """Load a jaxlm model dir or a Hugging Face model dir / hub id.
 
-    ``config_overrides`` change how the model is computed (e.g. ``dtype="bfloat16"``,
-    ``scan_layers=False``), never its shape.
+    ``config_overrides`` change how the model is computed (e.g. ``dtype="bfloat16"``), never its
+    shape. Layers run unrolled by default (``scan_layers=False``): faster decoding, slower first
+    compile; pass ``scan_layers=True`` for the opposite.
     """
+    config_overrides = {"scan_layers": False, **config_overrides}
     from jaxlm.checkpoint import is_model_dir, load_model
     from jaxlm.convert import hf_to_params, is_hf_dir, local_dir
     from jaxlm.tokenizer import load_tokenizer

@@ -74,20 +74,21 @@ class Attention(nnx.Module):
     def __call__(self, x, mask, positions, *, kv_cache=None, cache_index=None, key=None):
         """x: [B, T, D]; mask: [B, 1, T, S]; positions: [B, T].
 
-        With ``kv_cache`` (this layer's (k, v), each [B, S, K, Dh]) the new keys/values are placed
-        at ``cache_index`` and attention runs over the whole cache. Returns (y [B, T, D], (k, v)) with
-        the new tokens' keys/values [B, T, K, Dh], for the caller to store.
+        With ``kv_cache`` (this layer's (k, v), each [B, S, K, Dh]) the new keys/values are written
+        at ``cache_index`` and attention runs over the whole cache. Returns (y [B, T, D], kv_cache)
+        with the updated cache (None without one). Writing before reading lets XLA update the
+        buffer in place.
         """
         q, k, v = self.q(x), self.k(x), self.v(x)
         if self.rope_theta is not None:
             q = apply_rope(q, positions, self.rope_theta)
             k = apply_rope(k, positions, self.rope_theta)
-        new_kv = (k, v)
         if kv_cache is not None:
             k_cache, v_cache = kv_cache
             k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, cache_index, 0, 0))
             v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, cache_index, 0, 0))
+            kv_cache = (k, v)
         k_attn, k_drop = (None, None) if key is None else jax.random.split(key)
         out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, impl=self.impl,
                                     dropout_rate=self.attention_dropout, key=k_attn)
-        return dropout(self.o(out), self.dropout, k_drop), new_kv
+        return dropout(self.o(out), self.dropout, k_drop), kv_cache

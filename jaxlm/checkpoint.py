@@ -107,8 +107,10 @@ def _check_tree(stored, abstract) -> None:
 
 def save_model(dst, config: ModelConfig, params, tokenizer=None, *, overwrite: bool = False) -> Path:
     """Write a jaxlm model directory atomically. ``params``: pure dict of arrays."""
+    from jaxlm.transformer import stack_layers
+
     with atomic_dir(dst, overwrite) as tmp:
-        save_params(tmp / "params", params)
+        save_params(tmp / "params", stack_layers(params))
         write_config(tmp, config)
         if tokenizer is not None:
             tokenizer.save(tmp)

@@ -100,9 +100,12 @@ def sample(logits, keys, s: Sampling):
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int):
-    """Zeroed KV cache {"k", "v": [L, B, S, K, Dh]} in the compute dtype."""
-    shape = (cfg.n_layers, batch, length, cfg.kv_heads, cfg.dim_per_head)
-    return {"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype)}
+    """Zeroed KV cache in the compute dtype, in the layout the layer loop wants:
+    {"k", "v": [L, B, S, K, Dh]} with scan_layers, else {"k", "v": L-tuples of [B, S, K, Dh]}."""
+    shape = (batch, length, cfg.kv_heads, cfg.dim_per_head)
+    if cfg.scan_layers:
+        return {"k": jnp.zeros((cfg.n_layers, *shape), cfg.dtype), "v": jnp.zeros((cfg.n_layers, *shape), cfg.dtype)}
+    return {n: tuple(jnp.zeros(shape, cfg.dtype) for _ in range(cfg.n_layers)) for n in ("k", "v")}
 
 
 def _generate(graphdef, params, prompt, prompt_mask, row_keys, active, *, max_new: int,

@@ -35,7 +35,7 @@ class Block(nnx.Module):
                        std=cfg.init_std, dtype=jnp.dtype(cfg.dtype), rngs=rngs)
 
     def __call__(self, x, mask, positions, *, kv_cache=None, cache_index=None, key=None):
-        """Returns (x, (k, v)): the new tokens' keys/values, for the caller's KV cache."""
+        """Returns (x, kv_cache): this layer's cache with the new tokens written (None without one)."""
         k_attn, k_mlp = _split(key, 2)
         attn = dict(kv_cache=kv_cache, cache_index=cache_index, key=k_attn)
         if self.pre_norm:
@@ -50,7 +50,14 @@ class Block(nnx.Module):
 
 
 class Layers(nnx.Module):
-    """L blocks with stacked parameters, run by lax.scan or an unrolled loop, optionally remat'd."""
+    """L blocks: lax.scan over stacked parameters, or an unrolled loop over L separate blocks.
+
+    Both layouts hold the same numbers. ``scan_layers=True`` stores every block parameter with a
+    leading L axis ("layers") and compiles one block; ``scan_layers=False`` keeps L blocks, so each
+    weight feeds its matmul directly (slicing a stacked weight inside a loop makes XLA copy it,
+    which on CPU doubles the memory traffic of a decode step). Checkpoints always hold the stacked
+    layout; ``stack_layers`` / ``unstack_layers`` convert.
+    """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.n_layers = cfg.n_layers
@@ -63,41 +70,84 @@ class Layers(nnx.Module):
         def make(r):
             return Block(cfg, rngs=r)
 
-        self.blocks = make(rngs)
+        stacked = make(rngs)
+        if self.scan:
+            self.blocks = stacked
+        else:  # the same initial values, one block per layer
+            values = nnx.to_pure_dict(nnx.state(stacked, nnx.Param))
+            blocks = []
+            for i in range(cfg.n_layers):
+                block = nnx.eval_shape(lambda: Block(cfg, rngs=nnx.Rngs(0)))
+                state = nnx.state(block, nnx.Param)
+                nnx.replace_by_pure_dict(state, jax.tree.map(lambda a: a[i], values))
+                nnx.update(block, state)
+                blocks.append(block)
+            self.blocks = nnx.List(blocks)
 
     def __call__(self, x, mask, positions, *, cache=None, cache_index=None, key=None):
-        """x: [B, T, D]; cache: None or {"k", "v": [L, B, S, K, Dh]}. Returns (x, cache).
+        """x: [B, T, D]; cache: None or ``init_cache``'s layout. Returns (x, updated cache).
 
-        The cache is threaded through the layer loop as a carry and each layer writes only its new
-        tokens into it (dynamic_update_slice), so XLA updates the buffers in place.
+        Unrolled, the cache holds one buffer per layer ({"k": (L x [B, S, K, Dh]), "v": ...}) that
+        each layer writes then reads, so XLA updates it in place; scanned, it is stacked
+        ({"k": [L, B, S, K, Dh], ...}) and rides in the scan carry.
         """
+        keys = [None] * self.n_layers if key is None else list(jax.random.split(key, self.n_layers))
+
+        def run(block, h, layer_kv, layer_key):
+            return block(h, mask, positions, kv_cache=layer_kv, cache_index=cache_index, key=layer_key)
+
+        if not self.scan:
+            step = jax.checkpoint(run, prevent_cse=False) if self.remat else run
+            ks, vs = [], []
+            for i, block in enumerate(self.blocks):
+                x, kv = step(block, x, None if cache is None else (cache["k"][i], cache["v"][i]), keys[i])
+                if kv is not None:
+                    ks.append(kv[0])
+                    vs.append(kv[1])
+            return x, (None if cache is None else {"k": tuple(ks), "v": tuple(vs)})
+
         graphdef, state = nnx.split(self.blocks)
-        keys = None if key is None else jax.random.split(key, self.n_layers)
 
         def body(carry, xs):
             h, kc, vc = carry
             layer_state, i, layer_key = xs
-            block = nnx.merge(graphdef, layer_state)
-            layer_kv = None if kc is None else (
-                jax.lax.dynamic_index_in_dim(kc, i, keepdims=False),
-                jax.lax.dynamic_index_in_dim(vc, i, keepdims=False))
-            h, (k, v) = block(h, mask, positions, kv_cache=layer_kv, cache_index=cache_index, key=layer_key)
-            if kc is not None:
-                kc = jax.lax.dynamic_update_slice(kc, k[None].astype(kc.dtype), (i, 0, cache_index, 0, 0))
-                vc = jax.lax.dynamic_update_slice(vc, v[None].astype(vc.dtype), (i, 0, cache_index, 0, 0))
+            layer_kv = None if kc is None else (jax.lax.dynamic_index_in_dim(kc, i, keepdims=False),
+                                                jax.lax.dynamic_index_in_dim(vc, i, keepdims=False))
+            h, kv = run(nnx.merge(graphdef, layer_state), h, layer_kv, layer_key)
+            if kv is not None:
+                kc = jax.lax.dynamic_update_index_in_dim(kc, kv[0], i, 0)
+                vc = jax.lax.dynamic_update_index_in_dim(vc, kv[1], i, 0)
             return (h, kc, vc), None
 
         if self.remat:
-            body = jax.checkpoint(body, prevent_cse=not self.scan)
+            body = jax.checkpoint(body)
         carry = (x, None, None) if cache is None else (x, cache["k"], cache["v"])
-        if self.scan:
-            carry, _ = jax.lax.scan(body, carry, (state, jnp.arange(self.n_layers), keys))
-        else:
-            for i in range(self.n_layers):
-                layer = jax.tree.map(lambda a: a[i], (state, keys))
-                carry, _ = body(carry, (layer[0], i, layer[1]))
-        x, kc, vc = carry
+        xs = (state, jnp.arange(self.n_layers), None if key is None else jax.random.split(key, self.n_layers))
+        (x, kc, vc), _ = jax.lax.scan(body, carry, xs)
         return x, (None if cache is None else {"k": kc, "v": vc})
+
+
+def stack_layers(params: dict) -> dict:
+    """Params with per-layer blocks ({0: ..., 1: ...}) -> the stacked (checkpoint) layout."""
+    blocks = params["layers"]["blocks"]
+    if not all(isinstance(k, int) for k in blocks):
+        return params
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *[blocks[i] for i in sorted(blocks)])
+    return {**params, "layers": {**params["layers"], "blocks": stacked}}
+
+
+def unstack_layers(params: dict, n_layers: int) -> dict:
+    """Stacked params -> one block per layer ({0: ..., 1: ...}), for scan_layers=False."""
+    blocks = params["layers"]["blocks"]
+    if all(isinstance(k, int) for k in blocks):
+        return params
+    per_layer = {i: jax.tree.map(lambda a: a[i], blocks) for i in range(n_layers)}
+    return {**params, "layers": {**params["layers"], "blocks": per_layer}}
+
+
+def params_for(cfg: ModelConfig, params: dict) -> dict:
+    """``params`` (either layout) in the layout ``cfg.scan_layers`` asks for."""
+    return stack_layers(params) if cfg.scan_layers else unstack_layers(params, cfg.n_layers)
 
 
 class Embeddings(nnx.Module):
@@ -252,5 +302,5 @@ def abstract_model(cfg: ModelConfig) -> Transformer:
 
 
 def abstract_params(cfg: ModelConfig) -> dict:
-    """The parameter tree as a pure dict of ShapeDtypeStructs (what checkpoints and converters fill)."""
-    return nnx.to_pure_dict(nnx.state(abstract_model(cfg), nnx.Param))
+    """The stacked (checkpoint) parameter tree as a pure dict of ShapeDtypeStructs."""
+    return nnx.to_pure_dict(nnx.state(abstract_model(cfg.replace(scan_layers=True)), nnx.Param))

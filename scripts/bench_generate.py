@@ -1,0 +1,90 @@
+"""Greedy generation speed: jaxlm beside Hugging Face transformers (PyTorch) on the same weights.
+
+GPT-2 small shape (124M, float32, random weights), prompt 32 tokens, 128 new tokens, greedy, no
+early EOS, batch 1 and 8. Checks that both produce the same tokens; exits non-zero if not.
+
+    python scripts/bench_generate.py [--batch 1 8] [--new 128] [--repeats 3] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--prompt", type=int, default=32)
+    p.add_argument("--new", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    p.add_argument("--size", default="base", choices=["tiny", "base"])
+    p.add_argument("--init-range", type=float, default=0.2,
+                   help="weight std; large enough that greedy choices are not near-ties")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="jaxlm compute dtype")
+    p.add_argument("--no-hf", action="store_true", help="jaxlm only (e.g. on an accelerator)")
+    args = p.parse_args(argv)
+
+    import jax
+    import torch
+    import transformers
+
+    import jaxlm
+    from jaxlm.testing import save_random_hf
+
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as d:
+        save_random_hf("GPT2LMHeadModel", d, size=args.size, init_range=args.init_range)
+        lm = jaxlm.load(d, dtype=args.dtype)
+        lm = jaxlm.LM(lm.config.replace(eos_token_id=None), lm.params, lm.tokenizer)  # no early stop
+        hf = None if args.no_hf else transformers.GPT2LMHeadModel.from_pretrained(d).eval()
+    if hf is not None:
+        hf.generation_config.eos_token_id = None
+        hf.generation_config.pad_token_id = 0
+
+    print(f"GPT-2 {args.size} ({sum(x.size for x in jax.tree.leaves(lm.params)) / 1e6:.0f}M params), "
+          f"prompt {args.prompt}, {args.new} new tokens, greedy; jax {jax.__version__} on "
+          f"{jax.devices()[0].platform} ({args.dtype}), torch {torch.__version__} with {args.threads} threads")
+    rows = []
+    ok = True
+    for b in args.batch:
+        ids = np.random.RandomState(b).randint(0, lm.config.vocab_size, (b, args.prompt))
+        t0 = time.perf_counter()
+        ours = lm.generate(ids, max_new_tokens=args.new)
+        compile_s = time.perf_counter() - t0
+        times = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            ours = lm.generate(ids, max_new_tokens=args.new)
+            times.append(time.perf_counter() - t0)
+        jax_tps = b * args.new / statistics.median(times)
+        hf_tps = float("nan")
+        agree = "-"
+        if hf is not None:
+            times = []
+            with torch.inference_mode():
+                for _ in range(args.repeats):
+                    t0 = time.perf_counter()
+                    ref = hf.generate(torch.tensor(ids), attention_mask=torch.ones(b, args.prompt, dtype=torch.long),
+                                      max_new_tokens=args.new, do_sample=False).numpy()
+                    times.append(time.perf_counter() - t0)
+            hf_tps = b * args.new / statistics.median(times)
+            same = np.array_equal(ours, ref)
+            agree = "yes" if same else f"NO ({(ours != ref).sum()} tokens differ)"
+            ok &= same
+        rows.append((b, jax_tps, hf_tps, jax_tps / hf_tps, compile_s, agree))
+
+    print(f"{'batch':>5} {'jaxlm tok/s':>12} {'HF torch tok/s':>15} {'ratio':>6} {'jaxlm first call s':>19} {'same tokens':>12}")
+    for b, j, h, r, c, a in rows:
+        print(f"{b:>5} {j:>12.1f} {h:>15.1f} {r:>6.2f} {c:>19.1f} {a:>12}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

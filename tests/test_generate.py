@@ -142,6 +142,9 @@ def test_eos_ends_a_row_and_stop_strings(lm):
     first = list(greedy).index(eos)
     np.testing.assert_array_equal(out[:first + 1], greedy[:first + 1])
     assert (out[first + 1:] == 0).all()
+    steps = []
+    stopping.generate([ids], max_new_tokens=10, on_token=lambda i, t: steps.append(i))
+    assert steps == list(range(first + 1))  # the loop exits once every row has ended
     text = stopping.generate([PROMPTS[0]], max_new_tokens=10)[0]
     assert text == lm.tokenizer.decode(greedy[:first])
     full = lm.generate([PROMPTS[0]], max_new_tokens=10)[0]

@@ -155,20 +155,23 @@ RUNTIME_FIELDS = {"dtype", "scan_layers", "remat", "attention_impl"}
 
 
 def load(path, **config_overrides) -> LM:
-    """Load a jaxlm model dir or a Hugging Face model dir / hub id.
+    """Load a jaxlm model dir, a training workdir (its latest checkpoint), or a Hugging Face
+    model dir / hub id.
 
     ``config_overrides`` change how the model is computed (e.g. ``dtype="bfloat16"``), never its
     shape. Layers run unrolled by default (``scan_layers=False``): faster decoding, slower first
     compile; pass ``scan_layers=True`` for the opposite.
     """
     config_overrides = {"scan_layers": False, **config_overrides}
-    from jaxlm.checkpoint import is_model_dir, load_model
+    from jaxlm.checkpoint import is_model_dir, is_workdir, load_model, load_workdir
     from jaxlm.convert import hf_to_params, is_hf_dir, local_dir
     from jaxlm.tokenizer import load_tokenizer
 
     d = local_dir(path)
     if is_model_dir(d):
         config, params, tokenizer = load_model(d)
+    elif is_workdir(d):
+        config, params, tokenizer = load_workdir(d)
     elif is_hf_dir(d):
         config, params = hf_to_params(d)
         params = jax.tree.map(jnp.asarray, params)

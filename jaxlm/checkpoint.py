@@ -136,3 +136,82 @@ def load_model(path, sharding=None):
     config = read_config(path)
     params = restore_params(Path(path, "params"), abstract_params(config), sharding)
     return config, params, load_tokenizer(path)
+
+
+# Training checkpoints ---------------------------------------------------------------------------
+
+class TrainCheckpoints:
+    """``WORKDIR/checkpoints/<step>/``: params, optimizer state, data-iterator state and the config.
+
+    Saves are asynchronous and atomic (orbax writes to a temporary dir and renames on commit), so a
+    save cut off mid-write is ignored and the previous complete checkpoint is used.
+    """
+
+    def __init__(self, workdir, *, keep: int = 3):
+        import orbax.checkpoint as ocp
+
+        self._ocp = ocp
+        self.directory = Path(workdir, "checkpoints").absolute()
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep, enable_async_checkpointing=True, create=True))
+
+    def latest_step(self):
+        return self.manager.latest_step()
+
+    def save(self, step: int, params, opt_state, data_iter, meta: dict, *, force: bool = False) -> None:
+        import grain
+
+        ocp = self._ocp
+        self.manager.save(step, force=force, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
+            data=grain.checkpoint.CheckpointSave(data_iter), meta=ocp.args.JsonSave(meta)))
+
+    def meta(self, step: int) -> dict:
+        ocp = self._ocp
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def restore(self, step: int, abstract_params, abstract_opt_state, data_iter):
+        """(params, opt_state); ``data_iter`` is moved to its saved position in place."""
+        import grain
+
+        ocp = self._ocp
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_params),
+            opt_state=ocp.args.StandardRestore(abstract_opt_state),
+            data=grain.checkpoint.CheckpointRestore(data_iter)))
+        return out["params"], out["opt_state"]
+
+    def restore_params(self, step: int, abstract_params):
+        ocp = self._ocp
+        return self.manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_params)))["params"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def is_workdir(path) -> bool:
+    return Path(path, "checkpoints").is_dir() and Path(path, "config.json").is_file()
+
+
+def load_workdir(path):
+    """(model config, params, tokenizer) from a training workdir's latest checkpoint, on one device."""
+    from jaxlm.config import Config
+    from jaxlm.tokenizer import load_tokenizer
+    from jaxlm.transformer import abstract_params
+
+    cfg = Config.from_dict(json.loads(Path(path, "config.json").read_text()))
+    ckpts = TrainCheckpoints(path)
+    step = ckpts.latest_step()
+    if step is None:
+        raise ValueError(f"training workdir {path} holds no complete checkpoint yet")
+    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one),
+                            abstract_params(cfg.model))
+    params = ckpts.restore_params(step, abstract)
+    ckpts.close()
+    return cfg.model, params, load_tokenizer(path)

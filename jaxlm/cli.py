@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 
 def _log(msg: str) -> None:
@@ -69,6 +70,20 @@ class _TextStream:
         print(text[len(self.printed):] if text.startswith(self.printed) else "", flush=True)
 
 
+def cmd_train(args) -> int:
+    from jaxlm.config import load_config
+    from jaxlm.train import train
+
+    config = args.config
+    if config is None and Path(DEFAULT_CONFIG).is_file():
+        config = DEFAULT_CONFIG
+    train(load_config(config, args.overrides), log=_log)
+    return 0
+
+
+DEFAULT_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaxlm", description="Transformer language models in JAX/Flax.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -93,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", help="cut the text before this string (repeatable)")
     g.add_argument("--json", action="store_true", help="one JSON object per output: prompt, text, token_ids")
     g.set_defaults(func=cmd_generate)
+
+    t = sub.add_parser("train", help="train or fine-tune (resumes from the workdir's latest checkpoint)",
+                       description="Train a model. With no arguments: the quickstart (a small byte-level "
+                                   "GPT on the Python standard library, a few minutes on a CPU).")
+    t.add_argument("--config", help="YAML file of overrides (default: configs/quickstart.yaml)")
+    t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.steps=100 model.n_layers=4")
+    t.set_defaults(func=cmd_train)
     return p
 
 
@@ -103,7 +125,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         _log("jaxlm: interrupted")
         return 130
-    except (ValueError, OSError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError) as e:  # includes TrainingError
         _log(f"jaxlm {args.command}: error: {e}")
         return 2
 

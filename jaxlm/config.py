@@ -283,3 +283,158 @@ PRESETS: dict[str, dict[str, Any]] = {
     "bert-large-uncased": dict(_BERT, d_model=1024, n_layers=24, n_heads=16),
     "bert-tiny": dict(_BERT, d_model=64, n_layers=2, n_heads=4, max_len=128),
 }
+
+
+# Training configuration -------------------------------------------------------------------------
+
+_TRAIN_CHOICES = {
+    ("data", "unit"): ("file", "line"),
+    ("optim", "name"): ("adamw", "sgd", "adafactor"),
+    ("train", "objective"): ("clm", "mlm"),
+    ("train", "dtype"): ("float32", "bfloat16"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where text comes from and how it becomes batches. No path and no tfds_name: the default
+    corpus (the Python standard library's .py files)."""
+
+    path: str | None = None  # files, directories or globs, comma-separated
+    tfds_name: str | None = None  # a prepared tensorflow-datasets catalog dataset, e.g. "lm1b"
+    text_key: str = "text"
+    unit: str = "file"  # one example per file or per line (local text)
+    val_fraction: float = 0.05
+    tokenizer: str = "byte"  # "byte" or a model dir holding tokenizer files
+    seq_len: int = 256
+    batch_size: int = 16  # global, across hosts and micro-batches
+    data_dir: str | None = None  # tfds data dir and token cache (default ~/.cache/jaxlm)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
+    weight_decay: float = 0.1  # not applied to norms, biases or embeddings
+    b1: float = 0.9
+    b2: float = 0.95
+    clip_norm: float = 1.0
+    grad_accum: int = 1  # micro-batches per step (data.batch_size is split among them)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    objective: str = "clm"
+    steps: int = 1000
+    eval_every: int = 100
+    eval_batches: int = 8
+    save_every: int = 500
+    keep: int = 3
+    log_every: int = 10
+    seed: int = 0
+    workdir: str = "runs/quickstart"
+    dtype: str = "float32"  # compute dtype; parameters stay float32
+    mlm_prob: float = 0.15
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    data: int = -1  # -1: all remaining devices
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything a training run needs; built from YAML plus ``a.b=value`` overrides."""
+
+    model: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig.preset("gpt2-tiny"))
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Config":
+        sections = {f.name: f.type for f in dataclasses.fields(cls)}
+        for k in d:
+            if k not in sections:
+                raise ValueError(f"unknown config section {k!r}" + closest(k, sections))
+        return cls(
+            model=ModelConfig.from_dict(d.get("model", {})) if "model" in d else ModelConfig.preset("gpt2-tiny"),
+            data=_section(DataConfig, "data", d.get("data", {})),
+            optim=_section(OptimConfig, "optim", d.get("optim", {})),
+            train=_section(TrainConfig, "train", d.get("train", {})),
+            mesh=_section(MeshConfig, "mesh", d.get("mesh", {})),
+        )
+
+
+def _section(cls, name, values: dict):
+    fields = {f.name for f in dataclasses.fields(cls)}
+    for k, v in values.items():
+        if k not in fields:
+            raise ValueError(f"unknown config key {name}.{k}" + closest(k, fields).replace("'", f"'{name}.", 1))
+        allowed = _TRAIN_CHOICES.get((name, k))
+        if allowed and v not in allowed:
+            raise ValueError(f"{name}.{k}={v!r} is not one of {', '.join(allowed)}" + closest(str(v), allowed))
+    return cls(**values)
+
+
+def _parse_value(text: str):
+    import yaml
+
+    value = yaml.safe_load(text) if text != "" else ""
+    if isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
+def load_config(path=None, overrides=()) -> Config:
+    """A Config from an optional YAML file and ``key=value`` overrides (``model=NAME`` picks a preset;
+    ``model.FIELD=V`` changes one field). Unknown keys are rejected with the closest valid name."""
+    import yaml
+    from pathlib import Path
+
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        raw = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"config file {path} must hold a mapping of sections")
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like key=value (e.g. train.steps=100)")
+        key, text = item.split("=", 1)
+        section, _, field = key.partition(".")
+        if section == "model" and not field:
+            raw.setdefault("model", {})
+            raw["model"] = {**({} if not isinstance(raw["model"], dict) else raw["model"]), "preset": text}
+            continue
+        if not field:
+            raise ValueError(f"override {item!r} must name a field: {section}.FIELD=VALUE")
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ValueError(f"unknown config section {section!r}")
+        raw[section][field] = _parse_value(text)
+    model = raw.pop("model", None)
+    if isinstance(model, str):
+        model = {"preset": model}
+    model = dict(model or {})
+    preset = model.pop("preset", None) or "gpt2-tiny"
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    for k in model:
+        if k not in fields:
+            raise ValueError(f"unknown config key model.{k}" + closest(k, fields).replace("'", "'model.", 1))
+    cfg = Config.from_dict({k: v for k, v in raw.items()})
+    return dataclasses.replace(cfg, model=ModelConfig.preset(preset, **model))

@@ -183,7 +183,8 @@ def generate_ids(graphdef, params, config: ModelConfig, rows, *, max_new_tokens:
     longest = max(len(r) for r in rows)
     p = min(bucket(longest), config.max_len - max_new_tokens)
     b = bucket(len(rows), minimum=1)
-    prompt = np.full((b, p), pad_id, np.int32)
+    # Padding slots are masked, but their ids are still embedded: keep them inside the vocabulary.
+    prompt = np.full((b, p), pad_id if 0 <= pad_id < config.vocab_size else 0, np.int32)
     mask = np.zeros((b, p), bool)
     for i, r in enumerate(rows):
         prompt[i, p - len(r):], mask[i, p - len(r):] = r, True

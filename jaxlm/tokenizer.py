@@ -16,11 +16,12 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "vocab.txt",
 
 
 class ByteTokenizer:
-    """UTF-8 bytes as ids 0..255, then <eos>=256 and <pad>=257. Needs no files."""
+    """UTF-8 bytes as ids 0..255, then <eos>=256, <pad>=257 and <mask>=258. Needs no files."""
 
-    vocab_size = 258
+    vocab_size = 259
     eos_id = 256
     pad_id = 257
+    mask_id = 258
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         ids = list(text.encode("utf-8"))
@@ -40,13 +41,13 @@ class ByteTokenizer:
 class HFTokenizer:
     """A ``tokenizers.Tokenizer`` (BPE or WordPiece) with the special ids a model needs."""
 
-    def __init__(self, tok, files: dict[str, bytes], eos_token: str | None = None,
-                 pad_token: str | None = None):
+    def __init__(self, tok, files: dict[str, bytes], special: dict[str, str]):
         self._tok = tok
         self._files = files  # original files, written back verbatim by save()
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
-        self.eos_id = tok.token_to_id(eos_token) if eos_token else None
-        self.pad_id = tok.token_to_id(pad_token) if pad_token else None
+        ids = {k: (tok.token_to_id(v) if v else None) for k, v in special.items()}
+        self.eos_id, self.pad_id = ids.get("eos_token"), ids.get("pad_token")
+        self.mask_id, self.cls_id = ids.get("mask_token"), ids.get("cls_token")
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids, with the model's special tokens (e.g. BERT's [CLS] ... [SEP]) by default."""
@@ -121,7 +122,7 @@ def load_tokenizer(directory) -> ByteTokenizer | HFTokenizer | None:
                 single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} $B:1 {sep}:1",
                 special_tokens=[(cls, tok.token_to_id(cls)), (sep, tok.token_to_id(sep))])
         special.setdefault("eos_token", special["sep_token"])
-    return HFTokenizer(tok, files, eos_token=special.get("eos_token"), pad_token=special.get("pad_token"))
+    return HFTokenizer(tok, files, special)
 
 
 def copy_tokenizer_files(src, dst) -> list[str]:

@@ -1,0 +1,241 @@
+"""Input pipeline: tensorflow-datasets text -> tokens -> packed rows -> grain loader.
+
+- Local text (files, directories, globs; one example per file or per line) becomes a tfds dataset
+  prepared as array_record and read with ``as_data_source`` (no TensorFlow needed); catalog
+  datasets are read by name when they are prepared in ``data_dir``.
+- The default corpus is the Python standard library's own ``.py`` files (on every machine that can
+  run jaxlm), split by file into train and validation.
+- Documents are tokenized once per (dataset, split, tokenizer), joined with EOS separators into
+  one token stream cached as ``.npy``, and cut into rows of ``seq_len + 1`` tokens.
+- A grain MapDataset over row indices shuffles with the seed, keeps this host's shard
+  (``jax.process_index()``) and batches; its iterator state is saved in every checkpoint.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import hashlib
+import os
+import sysconfig
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_DATA_DIR = Path(os.environ.get("JAXLM_DATA_DIR", Path.home() / ".cache" / "jaxlm"))
+
+
+def stdlib_dir() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def resolve_paths(spec: str) -> list[Path]:
+    """Files named by a comma-separated list of files, directories (recursive) and globs."""
+    files = []
+    for part in [p.strip() for p in str(spec).split(",") if p.strip()]:
+        p = Path(part).expanduser()
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+        elif any(c in part for c in "*?["):
+            found = sorted(Path(f) for f in glob.glob(str(p), recursive=True) if Path(f).is_file())
+        elif p.is_file():
+            found = [p]
+        else:
+            raise FileNotFoundError(f"data path {part} does not exist")
+        if not found:
+            raise ValueError(f"data path {part} holds no files")
+        files += found
+    return files
+
+
+def default_corpus_files() -> list[Path]:
+    root = stdlib_dir()
+    return sorted(f for f in root.rglob("*.py") if "site-packages" not in f.parts and f.is_file())
+
+
+def _is_validation(key: str, fraction: float) -> bool:
+    return zlib.crc32(key.encode()) % 10_000 < fraction * 10_000
+
+
+@functools.lru_cache(maxsize=None)
+def _builder_class():
+    # Defined once, inside the package: tfds registers builders by class name.
+    import tensorflow_datasets as tfds
+
+    class LocalTextConfig(tfds.core.BuilderConfig):
+        def __init__(self, *, files, root, unit, val_fraction, **kwargs):
+            super().__init__(**kwargs)
+            self.files, self.root, self.unit, self.val_fraction = files, root, unit, val_fraction
+
+    class LocalText(tfds.core.GeneratorBasedBuilder):
+        """Plain-text files as a tfds dataset with train / validation splits (split by file)."""
+
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return self.dataset_info_from_configs(
+                features=tfds.features.FeaturesDict({"text": tfds.features.Text()}))
+
+        def _split_generators(self, dl_manager):
+            c = self.builder_config
+            val = [f for f in c.files if _is_validation(os.path.relpath(f, c.root), c.val_fraction)]
+            train = [f for f in c.files if f not in set(val)]
+            if not val:  # tiny inputs: keep at least one file for validation
+                val, train = train[-1:], train[:-1] or train[-1:]
+            return {"train": self._generate_examples(train), "validation": self._generate_examples(val)}
+
+        def _generate_examples(self, files):
+            c = self.builder_config
+            for f in files:
+                text = Path(f).read_bytes().decode("utf-8", errors="replace")
+                rel = os.path.relpath(f, c.root)
+                if c.unit == "file":
+                    if text.strip():
+                        yield rel, {"text": text}
+                else:
+                    for i, line in enumerate(text.splitlines()):
+                        if line.strip():
+                            yield f"{rel}:{i}", {"text": line}
+
+    return LocalText, LocalTextConfig
+
+
+def local_text_source(files: list[Path], split: str, *, unit: str = "file", val_fraction: float = 0.05,
+                      data_dir=None, name: str | None = None):
+    """A tfds data source (random access, no TensorFlow) over local text files."""
+    builder_cls, config_cls = _builder_class()
+    root = os.path.commonpath([str(f.parent) for f in files]) if files else "."
+    digest = hashlib.sha1("\n".join([unit, str(val_fraction)] + [
+        f"{f}:{f.stat().st_size}:{int(f.stat().st_mtime)}" for f in files]).encode())
+    config = config_cls(name=name or f"t{digest.hexdigest()[:12]}", files=[str(f) for f in files],
+                        root=root, unit=unit, val_fraction=val_fraction,
+                        version=builder_cls.VERSION)
+    builder = builder_cls(config=config, data_dir=str(Path(data_dir or DEFAULT_DATA_DIR) / "tfds"))
+    builder.download_and_prepare(file_format="array_record")
+    return builder.as_data_source(split=split)
+
+
+def text_source(data_cfg, split: str):
+    """(tfds data source, name) of the split: local files, a catalog dataset, or the default corpus."""
+    if data_cfg.tfds_name:
+        import tensorflow_datasets as tfds
+
+        name = data_cfg.tfds_name.replace("/", "_").replace(":", "_")
+        return tfds.data_source(data_cfg.tfds_name, split=split, data_dir=data_cfg.data_dir,
+                                download=False), name
+    if data_cfg.path:
+        files = resolve_paths(data_cfg.path)
+        src = local_text_source(files, split, unit=data_cfg.unit, val_fraction=data_cfg.val_fraction,
+                                data_dir=data_cfg.data_dir)
+        return src, "local_" + _digest(files, data_cfg)
+    name = "stdlib_" + _stdlib_tag()
+    return local_text_source(default_corpus_files(), split, unit="file", val_fraction=data_cfg.val_fraction,
+                             data_dir=data_cfg.data_dir, name=name), name
+
+
+def _digest(files, data_cfg) -> str:
+    h = hashlib.sha1(f"{data_cfg.unit}:{data_cfg.val_fraction}".encode())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f}:{st.st_size}:{int(st.st_mtime)}".encode())
+    return h.hexdigest()[:12]
+
+
+def _stdlib_tag() -> str:
+    import sys
+
+    return f"py{sys.version_info.major}{sys.version_info.minor}"
+
+
+def _text_of(example, key: str) -> str:
+    v = example[key]
+    return v.decode("utf-8", errors="replace") if isinstance(v, bytes) else str(v)
+
+
+def token_stream(source, tokenizer, *, cache_dir, tag: str, text_key: str = "text",
+                 log=None) -> np.ndarray:
+    """All documents of ``source`` tokenized and joined with EOS after each one (cached as .npy)."""
+    cache = Path(cache_dir) / f"{tag}.npy"
+    if cache.is_file():
+        return np.load(cache, mmap_mode="r")
+    eos = tokenizer.eos_id
+    chunks = []
+    n = len(source)
+    for start in range(0, n, 256):
+        texts = [_text_of(source[i], text_key) for i in range(start, min(n, start + 256))]
+        for ids in _encode_batch(tokenizer, texts):
+            chunks.append(np.asarray(ids + [eos], np.int32))
+        if log is not None:
+            log(f"tokenized {min(n, start + 256)}/{n} documents")
+    stream = np.concatenate(chunks) if chunks else np.zeros(0, np.int32)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(f".tmp{os.getpid()}.npy")
+    np.save(tmp, stream)
+    os.replace(tmp, cache)
+    return stream
+
+
+def _encode_batch(tokenizer, texts):
+    inner = getattr(tokenizer, "_tok", None)
+    if inner is not None:  # HF tokenizers: parallel batch encode, no special tokens inside documents
+        return [e.ids for e in inner.encode_batch(texts, add_special_tokens=False)]
+    return [tokenizer.encode(t) for t in texts]
+
+
+class PackedRows:
+    """Row i = stream[i * L : i * L + L + 1] (inputs and shifted targets share it)."""
+
+    def __init__(self, stream: np.ndarray, seq_len: int):
+        self.stream, self.seq_len = stream, seq_len
+        self.n = max(0, (len(stream) - 1) // seq_len)
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        i = int(i)
+        return np.asarray(self.stream[i * self.seq_len: i * self.seq_len + self.seq_len + 1], np.int32)
+
+
+class EpochShards:
+    """Position g of this host -> a row: epoch e = g // n uses permutation(seed, e) of all rows, and
+    host h of H takes every H-th entry of it, so hosts read disjoint rows that cover each epoch."""
+
+    EPOCHS = 100_000  # effectively endless; the training loop decides when to stop
+
+    def __init__(self, rows: PackedRows, *, seed: int, shuffle: bool, process_index: int, process_count: int):
+        self.rows, self.seed, self.shuffle = rows, seed, shuffle
+        self.h, self.H = process_index, process_count
+        self.per_host = len(rows) // process_count
+        self._perm = (None, None)
+
+    def __len__(self):
+        return self.per_host * self.EPOCHS
+
+    def _permutation(self, epoch):
+        if self._perm[0] != epoch:
+            n = len(self.rows)
+            perm = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+            self._perm = (epoch, perm)
+        return self._perm[1]
+
+    def __getitem__(self, g):
+        epoch, pos = divmod(int(g), self.per_host)
+        return self.rows[self._permutation(epoch)[pos * self.H + self.h]]
+
+
+def loader(rows: PackedRows, *, batch_size: int, seed: int, shuffle: bool = True,
+           process_index: int = 0, process_count: int = 1):
+    """A checkpointable grain iterator of [batch_size // process_count, L + 1] int32 batches."""
+    import grain
+
+    if batch_size % process_count:
+        raise ValueError(f"data.batch_size={batch_size} is not divisible by {process_count} processes")
+    if len(rows) < batch_size:
+        raise ValueError(f"the data holds {len(rows)} rows of {rows.seq_len + 1} tokens, fewer than "
+                         f"data.batch_size={batch_size}; use more text or a smaller batch / seq_len")
+    shards = EpochShards(rows, seed=seed, shuffle=shuffle, process_index=process_index,
+                         process_count=process_count)
+    ds = grain.MapDataset.source(shards).batch(batch_size // process_count, drop_remainder=True)
+    return iter(ds.to_iter_dataset())

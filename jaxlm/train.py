@@ -1,0 +1,347 @@
+"""Losses, the pure jitted train / eval steps, and the training loop.
+
+Dimension legend: B batch rows, M micro-batches, T length, V vocab.
+
+``train_step(state, batch) -> (state, metrics)`` is pure and jitted once with the state donated.
+Randomness is explicit: the step's key is fold_in(seed, step), so a resumed run draws exactly the
+dropout and MLM masks the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxlm.config import Config
+from jaxlm.optim import make_optimizer, schedule
+from jaxlm.transformer import abstract_model, build_model, params_for
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot continue (e.g. the loss became NaN); the message names the step."""
+
+
+# Objectives -------------------------------------------------------------------------------------
+
+def mlm_inputs(tokens, key, *, vocab_size: int, mask_id: int, prob: float, special_ids=()):
+    """BERT masking: select ``prob`` of the non-special tokens; of those 80% -> mask_id, 10% -> a
+    random token, 10% unchanged. Returns (inputs, selected [B, T] bool)."""
+    k_sel, k_kind, k_rand = jax.random.split(key, 3)
+    special = jnp.zeros(tokens.shape, bool)
+    for s in special_ids:
+        special = special | (tokens == s)
+    selected = jax.random.bernoulli(k_sel, prob, tokens.shape) & ~special
+    kind = jax.random.uniform(k_kind, tokens.shape)
+    random_tokens = jax.random.randint(k_rand, tokens.shape, 0, vocab_size)
+    inputs = jnp.where(selected & (kind < 0.8), mask_id, tokens)
+    inputs = jnp.where(selected & (kind >= 0.8) & (kind < 0.9), random_tokens, inputs)
+    return inputs, selected
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """Static settings of the jitted steps."""
+
+    objective: str
+    grad_accum: int = 1
+    seed: int = 0
+    mask_id: int | None = None
+    special_ids: tuple = ()
+    mlm_prob: float = 0.15
+
+
+def loss_sums(model, rows, spec: StepSpec, *, key=None, mask_key=None):
+    """(sum of token NLL, number of scored tokens, number predicted right) for rows [B, T + 1].
+
+    ``key`` turns dropout on; ``mask_key`` draws the MLM masks.
+    """
+    if spec.objective == "clm":
+        inputs, targets = rows[:, :-1], rows[:, 1:]
+        weights = jnp.ones(targets.shape, jnp.float32)
+    else:
+        targets = rows[:, :-1]
+        inputs, selected = mlm_inputs(targets, mask_key, vocab_size=model.config.vocab_size,
+                                      mask_id=spec.mask_id, prob=spec.mlm_prob, special_ids=spec.special_ids)
+        weights = selected.astype(jnp.float32)
+    logits = model(inputs, key=key)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+    return (nll * weights).sum(), weights.sum(), (correct * weights).sum()
+
+
+# Steps ------------------------------------------------------------------------------------------
+
+def make_train_step(graphdef, tx, spec: StepSpec, lr_fn, *, dropout: bool = True):
+    """``train_step(state, batch) -> (state, metrics)``; batch: [B, T + 1] int32; donated state."""
+
+    def loss_fn(params, rows, key):
+        k_drop, k_mask = jax.random.split(key)
+        s, n, c = loss_sums(nnx.merge(graphdef, params), rows, spec, key=k_drop if dropout else None,
+                            mask_key=k_mask)
+        return s, (n, c)
+
+    def step(state, batch):
+        params, opt_state, step = state["params"], state["opt_state"], state["step"]
+        key = jax.random.fold_in(jax.random.key(spec.seed), step)
+        micro = batch.reshape(spec.grad_accum, -1, batch.shape[-1])  # [M, B / M, T + 1]
+
+        def accumulate(carry, xs):
+            g_sum, l_sum, n_sum, c_sum = carry
+            rows, i = xs
+            (l, (n, c)), g = jax.value_and_grad(loss_fn, has_aux=True)(params, rows, jax.random.fold_in(key, i))
+            return (jax.tree.map(jnp.add, g_sum, g), l_sum + l, n_sum + n, c_sum + c), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (g, l, n, c), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0, 0.0),
+                                       (micro, jnp.arange(spec.grad_accum)))
+        # Sums over all micro-batches, divided once: the same as one big batch.
+        n = jnp.maximum(n, 1.0)
+        grads = jax.tree.map(lambda x: x / n, g)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        metrics = {"loss": l / n, "accuracy": c / n, "grad_norm": optax.global_norm(grads), "lr": lr_fn(step)}
+        return {"params": params, "opt_state": opt_state, "step": step + 1}, metrics
+
+    return jax.jit(step, donate_argnums=0)
+
+
+def make_eval_step(graphdef, spec: StepSpec):
+    """``eval_step(params, batch, index) -> (nll sum, count, correct)``; no dropout, fixed MLM masks."""
+
+    def step(params, batch, index):
+        mask_key = jax.random.fold_in(jax.random.key(spec.seed + 1), index)
+        return loss_sums(nnx.merge(graphdef, params), batch, spec, mask_key=mask_key)
+
+    return jax.jit(step)
+
+
+def flops_per_token(cfg, seq_len: int) -> float:
+    """Training FLOPs per token: 6N (N non-embedding parameters) + 12 * L * D * T attention."""
+    d, L = cfg.d_model, cfg.n_layers
+    n = L * (2 * d * cfg.n_heads * cfg.dim_per_head + 2 * d * cfg.kv_heads * cfg.dim_per_head
+             + 2 * d * cfg.mlp_dim)
+    return 6 * n + 12 * L * d * seq_len
+
+
+PEAK_TFLOPS_BF16 = {"TPU v4": 275, "TPU v5 lite": 197, "TPU v5e": 197, "TPU v5p": 459, "TPU v6e": 918,
+                    "TPU v6 lite": 918, "A100": 312, "H100": 989, "H200": 989}
+
+
+def peak_flops(device) -> float | None:
+    kind = getattr(device, "device_kind", "")
+    for name, tflops in PEAK_TFLOPS_BF16.items():
+        if name.lower() in kind.lower():
+            return tflops * 1e12
+    return None
+
+
+# The loop ---------------------------------------------------------------------------------------
+
+def _tokenizer(data_cfg):
+    from jaxlm.tokenizer import ByteTokenizer, load_tokenizer
+
+    if data_cfg.tokenizer == "byte":
+        return ByteTokenizer(), "byte"
+    tok = load_tokenizer(data_cfg.tokenizer)
+    if tok is None:
+        raise ValueError(f"data.tokenizer={data_cfg.tokenizer}: no tokenizer files found there")
+    digest = abs(hash(tuple(sorted(tok._files.items())))) % 10**10
+    return tok, f"hf{digest}"
+
+
+def _rows(cfg: Config, split: str, tokenizer, tok_tag: str, log):
+    from jaxlm.data import DEFAULT_DATA_DIR, PackedRows, text_source, token_stream
+
+    source, name = text_source(cfg.data, split)
+    cache = Path(cfg.data.data_dir or DEFAULT_DATA_DIR) / "tokens"
+    stream = token_stream(source, tokenizer, cache_dir=cache, tag=f"{name}-{split}-{tok_tag}",
+                          text_key=cfg.data.text_key, log=log)
+    return PackedRows(stream, cfg.data.seq_len)
+
+
+def _check_compatible(saved: dict, cfg: Config, workdir) -> None:
+    from jaxlm.config import ModelConfig
+
+    old = ModelConfig.from_dict(saved["model"])
+    shape = ("arch", "vocab_size", "max_len", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+             "d_ff", "norm", "positions", "type_vocab_size", "use_bias", "tie_embeddings", "head", "pooler")
+    for f in shape:
+        if getattr(old, f) != getattr(cfg.model, f):
+            raise ValueError(f"{workdir} holds a checkpoint of a different model (model.{f}: "
+                             f"{getattr(old, f)!r} there, {getattr(cfg.model, f)!r} now); "
+                             "use another train.workdir")
+
+
+class _Progress:
+    """One status line on stderr: step, loss, lr, tokens/s, GFLOP/s or MFU, ETA."""
+
+    def __init__(self, total, tokens_per_step, flops_per_step, start_step, log):
+        self.total, self.tps, self.fps, self.log = total, tokens_per_step, flops_per_step, log
+        self.t0, self.s0 = time.perf_counter(), start_step
+        self.peak = peak_flops(jax.devices()[0])
+
+    def line(self, step, m) -> str:
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        rate = (step - self.s0) / dt
+        eta = (self.total - step) / rate if rate > 0 else float("nan")
+        flops = self.fps * rate
+        util = (f"MFU {100 * flops / (self.peak * jax.device_count()):.1f}%" if self.peak
+                else f"{flops / 1e9:.1f} GFLOP/s")
+        return (f"step {step}/{self.total} | loss {m['loss']:.4f} | lr {m['lr']:.2e} | "
+                f"{self.tps * rate:,.0f} tok/s | {util} | ETA {eta:.0f}s")
+
+
+def train(cfg: Config, *, log=None) -> dict:
+    """Run (or resume) training as ``cfg`` says; returns the last metrics. Writes ``train.workdir``."""
+    from jaxlm.checkpoint import TrainCheckpoints
+    from jaxlm.data import loader
+
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    t_start = time.perf_counter()
+    workdir = Path(cfg.train.workdir)
+    tokenizer, tok_tag = _tokenizer(cfg.data)
+    # The tokenizer the model is trained with decides its special ids (generation stops at its EOS).
+    cfg = dataclasses.replace(cfg, model=cfg.model.replace(
+        eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id,
+        bos_token_id=cfg.model.bos_token_id if tokenizer.eos_id is None else tokenizer.eos_id))
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size="
+                         f"{cfg.model.vocab_size}; set model.vocab_size={tokenizer.vocab_size}")
+    if cfg.data.batch_size % cfg.optim.grad_accum:
+        raise ValueError(f"data.batch_size={cfg.data.batch_size} is not divisible by optim.grad_accum="
+                         f"{cfg.optim.grad_accum}")
+    mask_id = getattr(tokenizer, "mask_id", None)
+    if cfg.train.objective == "mlm" and mask_id is None:
+        raise ValueError("train.objective=mlm needs a tokenizer with a mask token")
+    specials = tuple(i for i in (tokenizer.eos_id, tokenizer.pad_id, getattr(tokenizer, "cls_id", None))
+                     if i is not None)
+    pi, pc = jax.process_index(), jax.process_count()
+    train_rows = _rows(cfg, "train", tokenizer, tok_tag, log)
+    val_rows = _rows(cfg, "validation", tokenizer, tok_tag, log)
+    it = loader(train_rows, batch_size=cfg.data.batch_size, seed=cfg.train.seed, process_index=pi,
+                process_count=pc)
+
+    model_cfg = cfg.model.replace(dtype=cfg.train.dtype, scan_layers=True)
+    graphdef = nnx.graphdef(abstract_model(model_cfg))
+    tx = make_optimizer(cfg.optim, cfg.train.steps)
+    lr_fn = schedule(cfg.optim, cfg.train.steps)
+    init = jax.jit(lambda: nnx.to_pure_dict(nnx.state(build_model(model_cfg, cfg.train.seed), nnx.Param)))
+    params = init()
+    opt_state = jax.jit(tx.init)(params)
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    ckpts = TrainCheckpoints(workdir, keep=cfg.train.keep)
+    start = 0
+    latest = ckpts.latest_step()
+    if latest is not None:
+        _check_compatible(ckpts.meta(latest)["config"], cfg, workdir)
+        params, opt_state = ckpts.restore(latest, params, opt_state, it)
+        start = latest
+        log(f"resumed from {workdir}/checkpoints/{latest}")
+    if pi == 0:
+        (workdir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        tokenizer.save(workdir)
+    metrics_path = workdir / "metrics.jsonl"
+    if pi == 0:
+        _truncate_metrics(metrics_path, start)
+
+    spec = StepSpec(cfg.train.objective, cfg.optim.grad_accum, cfg.train.seed, mask_id, specials,
+                    cfg.train.mlm_prob)
+    train_step = make_train_step(graphdef, tx, spec, lr_fn,
+                                 dropout=cfg.model.dropout > 0 or cfg.model.attention_dropout > 0)
+    eval_step = make_eval_step(graphdef, spec)
+    state = {"params": params, "opt_state": opt_state, "step": jnp.int32(start)}
+
+    def evaluate(params):
+        val = loader(val_rows, batch_size=cfg.data.batch_size, seed=0, shuffle=False, process_index=pi,
+                     process_count=pc)
+        tot = np.zeros(3)
+        for i in range(cfg.train.eval_batches):
+            tot += np.array([float(x) for x in eval_step(params, jnp.asarray(next(val)), i)])
+        return {"val_loss": tot[0] / max(tot[1], 1), "val_accuracy": tot[2] / max(tot[1], 1)}
+
+    def write(record):
+        if pi == 0:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    stop = {"signal": None}
+    old_handler = signal.signal(signal.SIGTERM, lambda s, f: stop.update(signal=s))
+    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+    progress = _Progress(cfg.train.steps, tokens_per_step,
+                         flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step, start, log)
+    last = {}
+    pending = None  # (step, metrics on device): read one step late so dispatch never waits
+
+    def drain(p):
+        s, m = p
+        m = {k: float(v) for k, v in m.items()}
+        if not math.isfinite(m["loss"]):
+            raise TrainingError(f"loss became {m['loss']} at step {s}; stopped. The last good checkpoint "
+                                f"is step {ckpts.latest_step()} in {workdir}/checkpoints")
+        write({"step": s, **m})
+        if s % cfg.train.log_every == 0 or s == cfg.train.steps:
+            log(progress.line(s, m))
+        return m
+
+    try:
+        if start == 0 and cfg.train.eval_every:
+            write({"step": 0, **evaluate(state["params"])})
+        kill_at = int(os.environ.get("JAXLM_TEST_KILL_AFTER_SAVE", "0"))  # fault injection for tests
+        for step in range(start + 1, cfg.train.steps + 1):
+            batch = jnp.asarray(next(it))
+            state, metrics = train_step(state, batch)
+            if pending is not None:
+                last = drain(pending)
+            pending = (step, metrics)
+            is_last = step == cfg.train.steps
+            if step % cfg.train.save_every == 0 or is_last or stop["signal"]:
+                last = drain(pending)  # never checkpoint a state whose loss is not finite
+                pending = None
+                ckpts.save(step, state["params"], state["opt_state"], it,
+                           {"step": step, "config": cfg.to_dict()}, force=True)
+                if kill_at == step:
+                    ckpts.wait()
+                    os.kill(os.getpid(), signal.SIGKILL)
+            if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or is_last):
+                if pending is not None:
+                    last = drain(pending)
+                    pending = None
+                ev = evaluate(state["params"])
+                write({"step": step, **ev})
+                log(f"step {step}: val_loss {ev['val_loss']:.4f}")
+                last.update(ev)
+            if stop["signal"]:
+                log(f"SIGTERM: saved step {step}; exiting")
+                break
+        if pending is not None:
+            last = drain(pending)
+    finally:
+        ckpts.wait()
+        ckpts.close()
+        signal.signal(signal.SIGTERM, old_handler)
+    log(f"done in {time.perf_counter() - t_start:.0f}s: {workdir}")
+    return last
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop lines past the restored step (they will be logged again, identically)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)

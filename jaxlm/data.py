@@ -112,7 +112,10 @@ def local_text_source(files: list[Path], split: str, *, unit: str = "file", val_
                         root=root, unit=unit, val_fraction=val_fraction,
                         version=builder_cls.VERSION)
     builder = builder_cls(config=config, data_dir=str(Path(data_dir or DEFAULT_DATA_DIR) / "tfds"))
-    builder.download_and_prepare(file_format="array_record")
+    try:
+        builder.download_and_prepare(file_format="array_record")
+    except AssertionError as e:  # tfds: 'No examples were yielded' for a split
+        raise ValueError(f"the data files hold no text ({len(files)} files, from {root})") from e
     return builder.as_data_source(split=split)
 
 

@@ -248,7 +248,12 @@ def train(cfg: Config, *, log=None) -> dict:
     latest = ckpts.latest_step()
     if latest is not None:
         _check_compatible(ckpts.meta(latest)["config"], cfg, workdir)
-        params, opt_state = ckpts.restore(latest, params, opt_state, it)
+        try:
+            params, opt_state = ckpts.restore(latest, params, opt_state, it)
+        except ValueError as e:  # e.g. optim.name or optim.clip_norm changed the optimizer state
+            raise ValueError(f"{workdir}/checkpoints/{latest} does not match this run's optimizer state "
+                             f"({str(e).splitlines()[0]}); keep the optim settings or use another "
+                             "train.workdir") from None
         start = latest
         log(f"resumed from {workdir}/checkpoints/{latest}")
     if pi == 0:

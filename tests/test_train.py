@@ -1,0 +1,206 @@
+"""Training: exact resume, preemption, gradient accumulation, MLM masking, learning, bad input."""
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxlm.config import OptimConfig, load_config
+from jaxlm.data import stdlib_dir
+from jaxlm.optim import make_optimizer, schedule
+from jaxlm.train import StepSpec, make_train_step, mlm_inputs, train
+from jaxlm.transformer import build_model
+
+TINY = ["model=gpt2-tiny", "model.vocab_size=259", "model.d_model=32", "model.n_layers=2", "model.n_heads=2",
+        "model.max_len=32", "data.seq_len=32", "data.batch_size=8", "train.log_every=1",
+        "train.eval_batches=2", "optim.warmup_steps=2"]
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """A small local text corpus (40 standard-library modules) and a shared data dir."""
+    root = tmp_path_factory.mktemp("corpus")
+    src = root / "text"
+    src.mkdir()
+    for f in sorted(stdlib_dir().glob("*.py"))[:40]:
+        shutil.copy(f, src / f.name)
+    return {"path": str(src), "data_dir": str(root / "cache")}
+
+
+def args(corpus, workdir, *extra):
+    return [*TINY, f"data.path={corpus['path']}", f"data.data_dir={corpus['data_dir']}",
+            f"train.workdir={workdir}", *extra]
+
+
+def run_cli(argv, env=None):
+    return subprocess.run([sys.executable, "-m", "jaxlm.cli", "train", *argv], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
+
+
+def losses(workdir):
+    out = {}
+    for line in open(os.path.join(workdir, "metrics.jsonl")):
+        d = json.loads(line)
+        if "loss" in d:
+            out[d["step"]] = d["loss"]
+    return out
+
+
+def test_exact_resume_after_sigkill(corpus, tmp_path):
+    common = ["train.steps=8", "train.save_every=4", "train.eval_every=0", "model.dropout=0.1"]
+    full = run_cli(args(corpus, tmp_path / "full", *common))
+    assert full.returncode == 0, full.stderr
+    killed = run_cli(args(corpus, tmp_path / "cut", *common), env={"JAXLM_TEST_KILL_AFTER_SAVE": "4"})
+    assert killed.returncode == -signal.SIGKILL
+    assert sorted(losses(tmp_path / "cut")) == [1, 2, 3, 4]
+    resumed = run_cli(args(corpus, tmp_path / "cut", *common))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stderr
+    a, b = losses(tmp_path / "full"), losses(tmp_path / "cut")
+    assert sorted(b) == list(range(1, 9))
+    assert [a[s] for s in range(5, 9)] == [b[s] for s in range(5, 9)]  # bitwise identical
+
+
+def test_sigterm_saves_current_step_and_exits_0(corpus, tmp_path):
+    argv = args(corpus, tmp_path / "w", "train.steps=100000", "train.save_every=100000", "train.eval_every=0")
+    proc = subprocess.Popen([sys.executable, "-m", "jaxlm.cli", "train", *argv], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        m = tmp_path / "w" / "metrics.jsonl"
+        if m.is_file() and len(m.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    steps = sorted(int(p.name) for p in (tmp_path / "w" / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps and steps[-1] == max(losses(tmp_path / "w"))
+
+
+def test_incomplete_checkpoint_is_ignored(corpus, tmp_path):
+    w = tmp_path / "w"
+    base = args(corpus, w, "train.save_every=3", "train.eval_every=0")
+    train(load_config(None, base + ["train.steps=3"]), log=lambda m: None)
+    # A save cut off mid-write leaves orbax's temporary directory behind.
+    shutil.copytree(w / "checkpoints" / "3", w / "checkpoints" / "6.orbax-checkpoint-tmp-1234")
+    logs = []
+    train(load_config(None, base + ["train.steps=6"]), log=logs.append)
+    assert any("resumed from" in m and m.endswith("/3") for m in logs)
+
+
+def test_grad_accumulation_equals_big_batch():
+    cfg = load_config(None, TINY).model
+    params = nnx.to_pure_dict(nnx.state(build_model(cfg.replace(scan_layers=True)), nnx.Param))
+    graphdef = nnx.graphdef(build_model(cfg.replace(scan_layers=True)))
+    # SGD: the update is -lr * gradient. (Adam divides by |g|, which turns the rounding noise of a
+    # zero gradient, e.g. of the attention key bias, into a full-size step.)
+    opt = OptimConfig(name="sgd", lr=1e-1, warmup_steps=0, clip_norm=0)
+    tx = make_optimizer(opt, 10)
+    batch = jnp.asarray(np.random.RandomState(0).randint(0, 259, (8, 33)), jnp.int32)
+    outs = []
+    for k in (1, 4):
+        # Without dropout: its masks are drawn per micro-batch, so they differ by construction.
+        step = make_train_step(graphdef, tx, StepSpec("clm", grad_accum=k), schedule(opt, 10), dropout=False)
+        state = {"params": jax.tree.map(jnp.copy, params), "opt_state": tx.init(params), "step": jnp.int32(0)}
+        outs.append(step(state, batch))
+    (s1, m1), (s4, m4) = outs
+    assert abs(float(m1["loss"]) - float(m4["loss"])) <= 1e-6
+    assert abs(float(m1["grad_norm"]) - float(m4["grad_norm"])) <= 1e-6
+    for a, b in zip(jax.tree.leaves(s1["params"]), jax.tree.leaves(s4["params"])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_mlm_masking_statistics():
+    tokens = jnp.asarray(np.random.RandomState(0).randint(0, 256, (64, 4096)))
+    tokens = tokens.at[:, :16].set(256)  # special tokens are never selected
+    inputs, selected = mlm_inputs(tokens, jax.random.key(0), vocab_size=259, mask_id=258, prob=0.15,
+                                  special_ids=(256,))
+    inputs, selected, tokens = map(np.asarray, (inputs, selected, tokens))
+    assert not selected[:, :16].any()
+    rate = selected[:, 16:].mean()
+    masked = (inputs == 258)[selected].mean()
+    same = (inputs == tokens)[selected].mean()
+    random_ = 1 - masked - same
+    print(f"selected {rate:.4f}, [MASK] {masked:.4f}, random {random_:.4f}, unchanged {same:.4f}")
+    assert abs(rate - 0.15) < 0.01 * 0.15 * 10  # within 1.5 points of 15% over 260k tokens
+    assert abs(masked - 0.8) < 0.01 and abs(same - 0.1 - 0.1 / 259) < 0.01 and abs(random_ - 0.1) < 0.01
+    assert (inputs[~selected] == tokens[~selected]).all()
+
+
+def test_bert_mlm_accuracy_rises(corpus, tmp_path):
+    argv = ["model=bert-tiny", "model.vocab_size=259", "model.d_model=64", "model.n_layers=2",
+            "model.n_heads=2", "model.max_len=64", "model.dropout=0", "model.attention_dropout=0",
+            "data.seq_len=64", "data.batch_size=16", "train.objective=mlm", "train.steps=60",
+            "train.eval_every=60", "train.save_every=60", "train.eval_batches=4", "optim.lr=3e-3",
+            "optim.warmup_steps=5", f"data.path={corpus['path']}", f"data.data_dir={corpus['data_dir']}",
+            f"train.workdir={tmp_path / 'bert'}"]
+    train(load_config(None, argv), log=lambda m: None)
+    evals = [json.loads(x) for x in open(tmp_path / "bert" / "metrics.jsonl") if "val_loss" in x]
+    print(evals)
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == 60
+    assert evals[-1]["val_accuracy"] > evals[0]["val_accuracy"] + 0.1
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.0
+
+
+def test_gpt_learns_and_generates(corpus, tmp_path):
+    import jaxlm
+
+    w = tmp_path / "gpt"
+    last = train(load_config(None, args(corpus, w, "train.steps=40", "train.eval_every=40", "optim.lr=3e-3",
+                                        "train.save_every=40")), log=lambda m: None)
+    first = json.loads(open(w / "metrics.jsonl").readline())
+    assert first["step"] == 0 and abs(first["val_loss"] - math.log(259)) < 0.3
+    assert last["val_loss"] < first["val_loss"] - 2.0
+    lm = jaxlm.load(w)
+    assert lm.config.eos_token_id == 256 and len(lm.generate(["def "], max_new_tokens=8)[0]) > 0
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["data.path=/nonexistent/corpus"], "data path /nonexistent/corpus does not exist"),
+    (["train.stepz=3"], r"unknown config key train.stepz \(did you mean 'train.steps'\?\)"),
+    (["model.n_layer=3"], r"unknown config key model.n_layer \(did you mean 'model.n_layers'\?\)"),
+    (["optim.grad_accum=3"], "data.batch_size=8 is not divisible by optim.grad_accum=3"),
+])
+def test_bad_input_one_line(corpus, tmp_path, extra, message):
+    proc = run_cli(args(corpus, tmp_path / "w", *extra))
+    assert proc.returncode == 2
+    lines = [x for x in proc.stderr.splitlines() if x.strip() and not x.startswith("WARNING")]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    import re
+    assert re.search(message, lines[0]), lines[0]
+
+
+def test_empty_data_and_incompatible_workdir(corpus, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "a.txt").write_text("")
+    with pytest.raises(ValueError, match="the data files hold no text"):
+        train(load_config(None, args(corpus, tmp_path / "w0", f"data.path={tmp_path / 'empty'}")), log=lambda m: None)
+    w = tmp_path / "w"
+    train(load_config(None, args(corpus, w, "train.steps=2", "train.eval_every=0")), log=lambda m: None)
+    before = sorted(p.name for p in (w / "checkpoints").iterdir())
+    with pytest.raises(ValueError, match=r"holds a checkpoint of a different model \(model.d_model: 32 there, 48 now\)"):
+        train(load_config(None, args(corpus, w, "train.steps=4", "model.d_model=48")), log=lambda m: None)
+    assert sorted(p.name for p in (w / "checkpoints").iterdir()) == before
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path):
+    from jaxlm.train import TrainingError
+
+    w = tmp_path / "w"
+    train(load_config(None, args(corpus, w, "train.steps=2", "train.eval_every=0")), log=lambda m: None)
+    with pytest.raises(TrainingError, match=r"loss became nan at step 4; stopped. The last good checkpoint is step 2"):
+        train(load_config(None, args(corpus, w, "train.steps=6", "train.eval_every=0", "optim.lr=1e38",
+                                     "optim.warmup_steps=0")), log=lambda m: None)
+    assert sorted(int(p.name) for p in (w / "checkpoints").iterdir() if p.name.isdigit()) == [2]
+    with pytest.raises(ValueError, match="does not match this run's optimizer state"):
+        train(load_config(None, args(corpus, w, "train.steps=4", "optim.clip_norm=0")), log=lambda m: None)

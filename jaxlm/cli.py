@@ -81,6 +81,23 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_plot(args) -> int:
+    from jaxlm.report import plot_losses
+
+    out = plot_losses(args.workdir, args.output)
+    _log(f"wrote {out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import json
+
+    from jaxlm.report import evaluate_model
+
+    print(json.dumps(evaluate_model(args.model, args.overrides, split=args.split, batches=args.batches)))
+    return 0
+
+
 DEFAULT_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml")
 
 
@@ -115,6 +132,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="YAML file of overrides (default: configs/quickstart.yaml)")
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.steps=100 model.n_layers=4")
     t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="loss / perplexity (and MLM accuracy) of a model on a split, as JSON")
+    e.add_argument("model", metavar="MODEL", help="training workdir, jaxlm model dir or HF model dir")
+    e.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="data.* and train.objective settings (default: the workdir's, else the default corpus)")
+    e.add_argument("--split", default="validation")
+    e.add_argument("--batches", type=int, default=16)
+    e.set_defaults(func=cmd_eval)
+
+    pl = sub.add_parser("plot", help="PNG of the training and validation loss curves of a workdir")
+    pl.add_argument("workdir", metavar="WORKDIR")
+    pl.add_argument("-o", "--output", help="PNG path (default: WORKDIR/loss.png)")
+    pl.set_defaults(func=cmd_plot)
     return p
 
 

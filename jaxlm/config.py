@@ -116,13 +116,12 @@ class ModelConfig:
 
     # Presets --------------------------------------------------------------------------------
     @classmethod
-    def preset(cls, name: str, **overrides) -> "ModelConfig":
+    def preset(cls, preset_name: str, /, **overrides) -> "ModelConfig":
         """A named preset (see ``PRESETS``), with field overrides."""
-        if name not in PRESETS:
-            raise ValueError(
-                f"unknown model preset {name!r}; available: {', '.join(PRESETS)}" + closest(name, PRESETS)
-            )
-        return cls(**{**PRESETS[name], "name": name, **overrides})
+        if preset_name not in PRESETS:
+            raise ValueError(f"unknown model preset {preset_name!r}; available: {', '.join(PRESETS)}"
+                             + closest(preset_name, PRESETS))
+        return cls(**{**PRESETS[preset_name], "name": preset_name, **overrides})
 
     @classmethod
     def gpt2(cls, size: str = "", **overrides) -> "ModelConfig":

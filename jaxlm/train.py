@@ -154,12 +154,30 @@ def _tokenizer(data_cfg):
     from jaxlm.tokenizer import ByteTokenizer, load_tokenizer
 
     if data_cfg.tokenizer == "byte":
-        return ByteTokenizer(), "byte"
-    tok = load_tokenizer(data_cfg.tokenizer)
-    if tok is None:
-        raise ValueError(f"data.tokenizer={data_cfg.tokenizer}: no tokenizer files found there")
-    digest = abs(hash(tuple(sorted(tok._files.items())))) % 10**10
-    return tok, f"hf{digest}"
+        tok = ByteTokenizer()
+    else:
+        tok = load_tokenizer(data_cfg.tokenizer)
+        if tok is None:
+            raise ValueError(f"data.tokenizer={data_cfg.tokenizer}: no tokenizer files found there")
+    return tok, tokenizer_tag(tok)
+
+
+def check_seq_len(seq_len: int, max_len: int) -> None:
+    if seq_len > max_len:
+        raise ValueError(f"data.seq_len={seq_len} exceeds the model's context (model.max_len={max_len})")
+
+
+def tokenizer_tag(tok) -> str:
+    """A short name of a tokenizer for the token cache: 'byte', or a digest of its files."""
+    import hashlib
+
+    files = getattr(tok, "_files", None)
+    if files is None:
+        return "byte"
+    h = hashlib.sha1()
+    for name in sorted(files):
+        h.update(name.encode() + files[name])
+    return "hf" + h.hexdigest()[:12]
 
 
 def _rows(cfg: Config, split: str, tokenizer, tok_tag: str, log):
@@ -220,6 +238,7 @@ def train(cfg: Config, *, log=None) -> dict:
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size="
                          f"{cfg.model.vocab_size}; set model.vocab_size={tokenizer.vocab_size}")
+    check_seq_len(cfg.data.seq_len, cfg.model.max_len)
     if cfg.data.batch_size % cfg.optim.grad_accum:
         raise ValueError(f"data.batch_size={cfg.data.batch_size} is not divisible by optim.grad_accum="
                          f"{cfg.optim.grad_accum}")
@@ -278,10 +297,15 @@ def train(cfg: Config, *, log=None) -> dict:
             tot += np.array([float(x) for x in eval_step(params, jnp.asarray(next(val)), i)])
         return {"val_loss": tot[0] / max(tot[1], 1), "val_accuracy": tot[2] / max(tot[1], 1)}
 
+    board = _board(workdir) if pi == 0 else None
+
     def write(record):
         if pi == 0:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            for k, v in record.items():
+                if k != "step":
+                    board.add_scalar(k, v, record["step"])
 
     stop = {"signal": None}
     old_handler = signal.signal(signal.SIGTERM, lambda s, f: stop.update(signal=s))
@@ -337,9 +361,18 @@ def train(cfg: Config, *, log=None) -> dict:
     finally:
         ckpts.wait()
         ckpts.close()
+        if board is not None:
+            board.close()
         signal.signal(signal.SIGTERM, old_handler)
     log(f"done in {time.perf_counter() - t_start:.0f}s: {workdir}")
     return last
+
+
+def _board(workdir: Path):
+    """TensorBoard event files in WORKDIR/tensorboard (tensorboardX: no TensorFlow needed)."""
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter(str(workdir / "tensorboard"), flush_secs=10)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -54,3 +54,11 @@ def test_config_validation_messages():
         ModelConfig.preset("gpt3")
     with pytest.raises(ValueError, match=r"unknown ModelConfig field 'n_layer'.*'n_layers'"):
         ModelConfig.from_dict({"n_layer": 2})
+
+
+@pytest.mark.parametrize("name", ["quickstart", "gpt2_small", "bert_base_mlm"])
+def test_shipped_configs_load(name):
+    from jaxlm.config import load_config
+
+    cfg = load_config(f"configs/{name}.yaml", ["train.steps=7"])
+    assert cfg.train.steps == 7 and cfg.data.seq_len <= cfg.model.max_len

@@ -163,6 +163,13 @@ def test_gpt_learns_and_generates(corpus, tmp_path):
     assert last["val_loss"] < first["val_loss"] - 2.0
     lm = jaxlm.load(w)
     assert lm.config.eos_token_id == 256 and len(lm.generate(["def "], max_new_tokens=8)[0]) > 0
+    # jaxlm eval on the workdir reproduces the run's own last validation loss (same rows).
+    from jaxlm.report import evaluate_model, plot_losses
+
+    ev = evaluate_model(w, batches=2)
+    assert abs(ev["loss"] - last["val_loss"]) < 1e-5 and abs(ev["perplexity"] - math.exp(ev["loss"])) < 1e-9
+    assert plot_losses(w).stat().st_size > 10_000
+    assert any(p.name.startswith("events.out.tfevents") for p in (w / "tensorboard").iterdir())
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -200,9 +200,11 @@ def is_workdir(path) -> bool:
 
 def load_workdir(path):
     """(model config, params, tokenizer) from a training workdir's latest checkpoint, on one device."""
+    from flax import nnx
+
     from jaxlm.config import Config
     from jaxlm.tokenizer import load_tokenizer
-    from jaxlm.transformer import abstract_params
+    from jaxlm.transformer import abstract_model
 
     cfg = Config.from_dict(json.loads(Path(path, "config.json").read_text()))
     ckpts = TrainCheckpoints(path)
@@ -210,8 +212,9 @@ def load_workdir(path):
     if step is None:
         raise ValueError(f"training workdir {path} holds no complete checkpoint yet")
     one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one),
-                            abstract_params(cfg.model))
+    # Training checkpoints keep the run's own layout (stacked or per-layer, by model.scan_layers).
+    layout = nnx.to_pure_dict(nnx.state(abstract_model(cfg.model), nnx.Param))
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), layout)
     params = ckpts.restore_params(step, abstract)
     ckpts.close()
     return cfg.model, params, load_tokenizer(path)

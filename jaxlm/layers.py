@@ -52,7 +52,18 @@ class Dense(nnx.Module):
                            tuple(kernel_axes[i] for i in keep), "zeros") if use_bias else None)
 
     def __call__(self, x):
-        y = jnp.einsum(self.spec, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        x, kernel = x.astype(self.dtype), self.kernel[...].astype(self.dtype)
+        x_letters, rest = self.spec.split(",")
+        k_letters, out_letters = rest.split("->")
+        n_in = sum(c not in out_letters for c in k_letters)  # contracted dims lead the kernel
+        if x_letters[-n_in:] == k_letters[:n_in] and out_letters == x_letters[:-n_in] + k_letters[n_in:]:
+            # A plain 2-D matmul over reshaped (bitcast) operands: XLA:CPU lays out multi-axis
+            # einsums with extra transposes and copies, most of all in the backward pass.
+            lead, k_out = x.shape[:-n_in], kernel.shape[n_in:]
+            y = x.reshape(-1, math.prod(kernel.shape[:n_in])) @ kernel.reshape(-1, math.prod(k_out))
+            y = y.reshape(*lead, *k_out)
+        else:
+            y = jnp.einsum(self.spec, x, kernel)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
@@ -90,7 +101,9 @@ class Embed(nnx.Module):
         return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
 
     def attend(self, x):
-        return jnp.einsum("btd,vd->btv", x.astype(self.dtype), self.embedding[...].astype(self.dtype))
+        # As a 2-D matmul: the einsum form made XLA:CPU transpose the [B*T, V] logit gradient.
+        e = self.embedding[...].astype(self.dtype)
+        return (x.astype(self.dtype).reshape(-1, e.shape[1]) @ e.T).reshape(*x.shape[:-1], e.shape[0])
 
 
 ACTIVATIONS = {

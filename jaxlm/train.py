@@ -76,9 +76,10 @@ def loss_sums(model, rows, spec: StepSpec, *, key=None, mask_key=None):
                                       mask_id=spec.mask_id, prob=spec.mlm_prob, special_ids=spec.special_ids)
         weights = selected.astype(jnp.float32)
     logits = model(inputs, key=key)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-    correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+    # nll = logsumexp - target logit; "correct" compares with the row max (argmax is slow on CPU).
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    nll = jax.nn.logsumexp(logits, axis=-1) - target_logit
+    correct = (target_logit >= jax.lax.stop_gradient(logits.max(-1))).astype(jnp.float32)
     return (nll * weights).sum(), weights.sum(), (correct * weights).sum()
 
 
@@ -104,9 +105,12 @@ def make_train_step(graphdef, tx, spec: StepSpec, lr_fn, *, dropout: bool = True
             (l, (n, c)), g = jax.value_and_grad(loss_fn, has_aux=True)(params, rows, jax.random.fold_in(key, i))
             return (jax.tree.map(jnp.add, g_sum, g), l_sum + l, n_sum + n, c_sum + c), None
 
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        (g, l, n, c), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0, 0.0),
-                                       (micro, jnp.arange(spec.grad_accum)))
+        if spec.grad_accum == 1:  # no zero-filled accumulator: one less pass over the gradients
+            (l, (n, c)), g = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, jax.random.fold_in(key, 0))
+        else:
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            (g, l, n, c), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0, 0.0),
+                                           (micro, jnp.arange(spec.grad_accum)))
         # Sums over all micro-batches, divided once: the same as one big batch.
         n = jnp.maximum(n, 1.0)
         grads = jax.tree.map(lambda x: x / n, g)
@@ -195,7 +199,8 @@ def _check_compatible(saved: dict, cfg: Config, workdir) -> None:
 
     old = ModelConfig.from_dict(saved["model"])
     shape = ("arch", "vocab_size", "max_len", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
-             "d_ff", "norm", "positions", "type_vocab_size", "use_bias", "tie_embeddings", "head", "pooler")
+             "d_ff", "norm", "positions", "type_vocab_size", "use_bias", "tie_embeddings", "head", "pooler",
+             "scan_layers")  # the last: the layout of the saved params and optimizer state
     for f in shape:
         if getattr(old, f) != getattr(cfg.model, f):
             raise ValueError(f"{workdir} holds a checkpoint of a different model (model.{f}: "
@@ -253,7 +258,8 @@ def train(cfg: Config, *, log=None) -> dict:
     it = loader(train_rows, batch_size=cfg.data.batch_size, seed=cfg.train.seed, process_index=pi,
                 process_count=pc)
 
-    model_cfg = cfg.model.replace(dtype=cfg.train.dtype, scan_layers=True)
+    # model.scan_layers picks the layout of params and optimizer state in this run's checkpoints.
+    model_cfg = cfg.model.replace(dtype=cfg.train.dtype)
     graphdef = nnx.graphdef(abstract_model(model_cfg))
     tx = make_optimizer(cfg.optim, cfg.train.steps)
     lr_fn = schedule(cfg.optim, cfg.train.steps)

@@ -211,3 +211,21 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path):
     assert sorted(int(p.name) for p in (w / "checkpoints").iterdir() if p.name.isdigit()) == [2]
     with pytest.raises(ValueError, match="does not match this run's optimizer state"):
         train(load_config(None, args(corpus, w, "train.steps=4", "optim.clip_norm=0")), log=lambda m: None)
+
+
+def test_trains_with_gpt2_bpe_tokenizer(corpus, tmp_path):
+    from jaxlm.testing import gpt2_tokenizer_files
+
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    for name, src in gpt2_tokenizer_files().items():
+        shutil.copy(src, tok / name)
+    argv = args(corpus, tmp_path / "w", "model.vocab_size=50257", f"data.tokenizer={tok}", "train.steps=3",
+                "train.eval_every=3", "train.save_every=3")
+    last = train(load_config(None, argv), log=lambda m: None)
+    first = json.loads(open(tmp_path / "w" / "metrics.jsonl").readline())
+    assert abs(first["val_loss"] - math.log(50257)) < 0.5 and last["val_loss"] < first["val_loss"]
+    import jaxlm
+
+    lm = jaxlm.load(tmp_path / "w")
+    assert lm.config.eos_token_id == 50256 and lm.tokenizer.encode("def f():") == [4299, 277, 33529]

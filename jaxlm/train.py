@@ -26,7 +26,7 @@ from flax import nnx
 
 from jaxlm.config import Config
 from jaxlm.optim import make_optimizer, schedule
-from jaxlm.transformer import abstract_model, build_model, params_for
+from jaxlm.transformer import abstract_model, build_model
 
 
 class TrainingError(RuntimeError):

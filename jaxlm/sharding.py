@@ -1,0 +1,85 @@
+"""Device meshes and the one table that maps the model's logical axes onto them.
+
+Model code names logical axes only (batch, length, embed, heads, kv_heads, kv, mlp, vocab, layers);
+``RULES`` maps each to mesh axes (data, fsdp, tensor). A dimension that a mesh axis does not divide
+evenly stays replicated along it (e.g. GPT-2's 50257-token vocabulary under tensor=2).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+from flax import nnx
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+from jaxlm.config import MeshConfig, ModelConfig
+
+AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axes (a tuple shards over several), None = replicated.
+RULES: dict[str, tuple[str, ...] | str | None] = {
+    "batch": ("data", "fsdp"),
+    "length": None,
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "kv": None,
+    "mlp": "tensor",
+    "vocab": "tensor",
+    "layers": None,
+}
+
+
+def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
+    """(data, fsdp, tensor) with -1 resolved; sizes that do not multiply to n_devices are refused."""
+    sizes = [cfg.data, cfg.fsdp, cfg.tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError("at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+    fixed = math.prod(s for s in sizes if s != -1)
+    divisors = [d for d in range(1, n_devices + 1) if n_devices % d == 0]
+    if any(s == 0 or s < -1 for s in sizes) or n_devices % fixed:
+        raise ValueError(f"mesh (data={cfg.data}, fsdp={cfg.fsdp}, tensor={cfg.tensor}) does not fit "
+                         f"{n_devices} devices; each size must divide it: {', '.join(map(str, divisors))}")
+    sizes = [n_devices // fixed if s == -1 else s for s in sizes]
+    if math.prod(sizes) != n_devices:
+        raise ValueError(f"mesh (data={sizes[0]}, fsdp={sizes[1]}, tensor={sizes[2]}) uses "
+                         f"{math.prod(sizes)} of {n_devices} devices; set one size to -1 to use the rest")
+    return tuple(sizes)
+
+
+def make_mesh(cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
+    """A (data, fsdp, tensor) mesh with Auto axes (GSPMD propagates shardings from the rules)."""
+    devices = devices if devices is not None else jax.devices()
+    shape = mesh_shape(cfg, len(devices))
+    return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def spec_for(shape, logical_axes, mesh) -> PartitionSpec:
+    """The PartitionSpec of an array with these logical axes; indivisible dims stay replicated."""
+    out, used = [], set()
+    for dim, name in zip(shape, logical_axes):
+        rule = RULES.get(name) if name is not None else None
+        axes = tuple(a for a in ((rule,) if isinstance(rule, str) else (rule or ()))
+                     if a not in used and mesh.shape[a] > 1)
+        if axes and dim % math.prod(mesh.shape[a] for a in axes) == 0:
+            used.update(axes)
+            out.append(axes[0] if len(axes) == 1 else axes)
+        else:
+            out.append(None)
+    return PartitionSpec(*out)
+
+
+def param_shardings(cfg: ModelConfig, mesh) -> dict:
+    """NamedShardings for the params of ``cfg`` (in its layout), as a pure dict like the params."""
+    from jaxlm.transformer import abstract_model
+
+    state = nnx.state(abstract_model(cfg), nnx.Param)
+    specs = jax.tree.map(lambda v: NamedSharding(mesh, spec_for(v.shape, v.get_metadata()["out_sharding"], mesh)),
+                         state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return nnx.to_pure_dict(specs)
+
+
+def batch_sharding(mesh) -> NamedSharding:
+    """Rows split across the data and fsdp axes."""
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))

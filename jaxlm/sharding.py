@@ -32,7 +32,7 @@ RULES: dict[str, tuple[str, ...] | str | None] = {
 
 
 def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
-    """(data, fsdp, tensor) with -1 resolved; sizes that do not multiply to n_devices are refused."""
+    """(data, fsdp, tensor) with -1 resolved; sizes that do not divide n_devices are refused."""
     sizes = [cfg.data, cfg.fsdp, cfg.tensor]
     if sizes.count(-1) > 1:
         raise ValueError("at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
@@ -41,18 +41,15 @@ def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
     if any(s == 0 or s < -1 for s in sizes) or n_devices % fixed:
         raise ValueError(f"mesh (data={cfg.data}, fsdp={cfg.fsdp}, tensor={cfg.tensor}) does not fit "
                          f"{n_devices} devices; each size must divide it: {', '.join(map(str, divisors))}")
-    sizes = [n_devices // fixed if s == -1 else s for s in sizes]
-    if math.prod(sizes) != n_devices:
-        raise ValueError(f"mesh (data={sizes[0]}, fsdp={sizes[1]}, tensor={sizes[2]}) uses "
-                         f"{math.prod(sizes)} of {n_devices} devices; set one size to -1 to use the rest")
-    return tuple(sizes)
+    # Explicit sizes may use a subset of the devices (the first ones), e.g. (1, 1, 1) for one device.
+    return tuple(n_devices // fixed if s == -1 else s for s in sizes)
 
 
 def make_mesh(cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
     """A (data, fsdp, tensor) mesh with Auto axes (GSPMD propagates shardings from the rules)."""
     devices = devices if devices is not None else jax.devices()
     shape = mesh_shape(cfg, len(devices))
-    return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * 3, devices=devices[:math.prod(shape)])
 
 
 def spec_for(shape, logical_axes, mesh) -> PartitionSpec:
@@ -83,3 +80,20 @@ def param_shardings(cfg: ModelConfig, mesh) -> dict:
 def batch_sharding(mesh) -> NamedSharding:
     """Rows split across the data and fsdp axes."""
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+
+
+def like_params(tree, params_sharding, mesh):
+    """Shardings for a tree whose leaves mirror parameters (e.g. optimizer moments): a leaf whose
+    path ends with a parameter's path and has its shape takes that parameter's sharding; anything
+    else (step counts, scalars) is replicated."""
+    flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(params_sharding)}
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def pick(path, leaf):
+        key = jax.tree_util.keystr(path)
+        for name, sharding in flat.items():
+            if key.endswith(name) and len(sharding.spec) <= len(getattr(leaf, "shape", ())):
+                return sharding
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(pick, tree)

@@ -26,6 +26,7 @@ from flax import nnx
 
 from jaxlm.config import Config
 from jaxlm.optim import make_optimizer, schedule
+from jaxlm.sharding import batch_sharding, like_params, make_mesh, param_shardings
 from jaxlm.transformer import abstract_model, build_model
 
 
@@ -85,8 +86,11 @@ def loss_sums(model, rows, spec: StepSpec, *, key=None, mask_key=None):
 
 # Steps ------------------------------------------------------------------------------------------
 
-def make_train_step(graphdef, tx, spec: StepSpec, lr_fn, *, dropout: bool = True):
-    """``train_step(state, batch) -> (state, metrics)``; batch: [B, T + 1] int32; donated state."""
+def make_train_step(graphdef, tx, spec: StepSpec, lr_fn, *, dropout: bool = True, state_sharding=None):
+    """``train_step(state, batch) -> (state, metrics)``; batch: [B, T + 1] int32; donated state.
+
+    ``state_sharding`` (a tree like the state) pins the output layout on a mesh.
+    """
 
     def loss_fn(params, rows, key):
         k_drop, k_mask = jax.random.split(key)
@@ -119,7 +123,8 @@ def make_train_step(graphdef, tx, spec: StepSpec, lr_fn, *, dropout: bool = True
         metrics = {"loss": l / n, "accuracy": c / n, "grad_norm": optax.global_norm(grads), "lr": lr_fn(step)}
         return {"params": params, "opt_state": opt_state, "step": step + 1}, metrics
 
-    return jax.jit(step, donate_argnums=0)
+    out = None if state_sharding is None else (state_sharding, None)
+    return jax.jit(step, donate_argnums=0, out_shardings=out)
 
 
 def make_eval_step(graphdef, spec: StepSpec):
@@ -263,9 +268,19 @@ def train(cfg: Config, *, log=None) -> dict:
     graphdef = nnx.graphdef(abstract_model(model_cfg))
     tx = make_optimizer(cfg.optim, cfg.train.steps)
     lr_fn = schedule(cfg.optim, cfg.train.steps)
-    init = jax.jit(lambda: nnx.to_pure_dict(nnx.state(build_model(model_cfg, cfg.train.seed), nnx.Param)))
+    # Initialise straight into the mesh layout: the full model never sits on one device.
+    mesh = make_mesh(cfg.mesh)
+    p_sharding = param_shardings(model_cfg, mesh)
+    init = jax.jit(lambda: nnx.to_pure_dict(nnx.state(build_model(model_cfg, cfg.train.seed), nnx.Param)),
+                   out_shardings=p_sharding)
     params = init()
-    opt_state = jax.jit(tx.init)(params)
+    o_sharding = like_params(jax.eval_shape(tx.init, params), p_sharding, mesh)
+    opt_state = jax.jit(tx.init, out_shardings=o_sharding)(params)
+    rows_sharding = batch_sharding(mesh)
+    split = mesh.shape["data"] * mesh.shape["fsdp"]
+    if cfg.data.batch_size % (split * cfg.optim.grad_accum):
+        raise ValueError(f"data.batch_size={cfg.data.batch_size} must divide into {split} data x fsdp shards "
+                         f"(and optim.grad_accum={cfg.optim.grad_accum} micro-batches)")
 
     workdir.mkdir(parents=True, exist_ok=True)
     ckpts = TrainCheckpoints(workdir, keep=cfg.train.keep)
@@ -290,17 +305,20 @@ def train(cfg: Config, *, log=None) -> dict:
 
     spec = StepSpec(cfg.train.objective, cfg.optim.grad_accum, cfg.train.seed, mask_id, specials,
                     cfg.train.mlm_prob)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     train_step = make_train_step(graphdef, tx, spec, lr_fn,
-                                 dropout=cfg.model.dropout > 0 or cfg.model.attention_dropout > 0)
+                                 dropout=cfg.model.dropout > 0 or cfg.model.attention_dropout > 0,
+                                 state_sharding={"params": p_sharding, "opt_state": o_sharding, "step": replicated})
     eval_step = make_eval_step(graphdef, spec)
-    state = {"params": params, "opt_state": opt_state, "step": jnp.int32(start)}
+    state = {"params": params, "opt_state": opt_state, "step": jax.device_put(jnp.int32(start), replicated)}
 
     def evaluate(params):
         val = loader(val_rows, batch_size=cfg.data.batch_size, seed=0, shuffle=False, process_index=pi,
                      process_count=pc)
         tot = np.zeros(3)
         for i in range(cfg.train.eval_batches):
-            tot += np.array([float(x) for x in eval_step(params, jnp.asarray(next(val)), i)])
+            batch = jax.make_array_from_process_local_data(rows_sharding, np.asarray(next(val)))
+            tot += np.array([float(x) for x in eval_step(params, batch, i)])
         return {"val_loss": tot[0] / max(tot[1], 1), "val_accuracy": tot[2] / max(tot[1], 1)}
 
     board = _board(workdir) if pi == 0 else None
@@ -337,7 +355,7 @@ def train(cfg: Config, *, log=None) -> dict:
             write({"step": 0, **evaluate(state["params"])})
         kill_at = int(os.environ.get("JAXLM_TEST_KILL_AFTER_SAVE", "0"))  # fault injection for tests
         for step in range(start + 1, cfg.train.steps + 1):
-            batch = jnp.asarray(next(it))
+            batch = jax.make_array_from_process_local_data(rows_sharding, np.asarray(next(it)))
             state, metrics = train_step(state, batch)
             if pending is not None:
                 last = drain(pending)

@@ -106,9 +106,7 @@ def local_text_source(files: list[Path], split: str, *, unit: str = "file", val_
     """A tfds data source (random access, no TensorFlow) over local text files."""
     builder_cls, config_cls = _builder_class()
     root = os.path.commonpath([str(f.parent) for f in files]) if files else "."
-    digest = hashlib.sha1("\n".join([unit, str(val_fraction)] + [
-        f"{f}:{f.stat().st_size}:{int(f.stat().st_mtime)}" for f in files]).encode())
-    config = config_cls(name=name or f"t{digest.hexdigest()[:12]}", files=[str(f) for f in files],
+    config = config_cls(name=name or "t" + files_digest(files, unit, val_fraction), files=[str(f) for f in files],
                         root=root, unit=unit, val_fraction=val_fraction,
                         version=builder_cls.VERSION)
     builder = builder_cls(config=config, data_dir=str(Path(data_dir or DEFAULT_DATA_DIR) / "tfds"))
@@ -131,14 +129,15 @@ def text_source(data_cfg, split: str):
         files = resolve_paths(data_cfg.path)
         src = local_text_source(files, split, unit=data_cfg.unit, val_fraction=data_cfg.val_fraction,
                                 data_dir=data_cfg.data_dir)
-        return src, "local_" + _digest(files, data_cfg)
+        return src, "local_" + files_digest(files, data_cfg.unit, data_cfg.val_fraction)
     name = "stdlib_" + _stdlib_tag()
     return local_text_source(default_corpus_files(), split, unit="file", val_fraction=data_cfg.val_fraction,
                              data_dir=data_cfg.data_dir, name=name), name
 
 
-def _digest(files, data_cfg) -> str:
-    h = hashlib.sha1(f"{data_cfg.unit}:{data_cfg.val_fraction}".encode())
+def files_digest(files, unit: str, val_fraction: float) -> str:
+    """Names a local dataset by its files (path, size, mtime) and split settings."""
+    h = hashlib.sha1(f"{unit}:{val_fraction}".encode())
     for f in files:
         st = f.stat()
         h.update(f"{f}:{st.st_size}:{int(st.st_mtime)}".encode())

@@ -43,16 +43,14 @@ def plot_losses(workdir, output=None) -> Path:
 
 def evaluate_model(model_path, overrides=(), *, split: str = "validation", batches: int = 16) -> dict:
     """{"loss", "perplexity", "tokens", ["accuracy"]} of a model on a split of its data config."""
-    import jax
     import jax.numpy as jnp
     import numpy as np
-    from flax import nnx
 
     import jaxlm
     from jaxlm.checkpoint import is_workdir
     from jaxlm.config import load_config
     from jaxlm.data import loader
-    from jaxlm.train import StepSpec, _rows, check_seq_len, loss_sums, tokenizer_tag
+    from jaxlm.train import StepSpec, _rows, check_seq_len, make_eval_step, tokenizer_tag
 
     lm = jaxlm.load(model_path)
     if lm.tokenizer is None:
@@ -68,12 +66,7 @@ def evaluate_model(model_path, overrides=(), *, split: str = "validation", batch
     rows = _rows(cfg, split, tokenizer, tokenizer_tag(tokenizer), log=lambda m: None)
     spec = StepSpec(objective, mask_id=getattr(tokenizer, "mask_id", None),
                     special_ids=tuple(i for i in (tokenizer.eos_id, tokenizer.pad_id) if i is not None))
-    graphdef = lm._graphdef
-
-    @jax.jit
-    def step(params, batch, index):
-        return loss_sums(nnx.merge(graphdef, params), batch, spec,
-                         mask_key=jax.random.fold_in(jax.random.key(1), index))
+    step = make_eval_step(lm._graphdef, spec)  # the training run's own evaluation step
 
     it = loader(rows, batch_size=cfg.data.batch_size, seed=0, shuffle=False)
     n = min(batches, max(1, len(rows) // cfg.data.batch_size))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from pathlib import Path
 
@@ -25,11 +26,23 @@ def _apply(graphdef, params, input_ids, attention_mask, token_type_ids, output: 
 class LM:
     """A loaded model: ``config``, ``tokenizer`` (or None) and ``params`` (a pure dict of arrays)."""
 
-    def __init__(self, config: ModelConfig, params, tokenizer=None):
+    def __init__(self, config: ModelConfig, params, tokenizer=None, *, mesh=None):
+        from jaxlm.config import MeshConfig
+        from jaxlm.sharding import check_model_fits, make_mesh, param_shardings
+
         self.config = config
         self.params = params_for(config, params)
         self.tokenizer = tokenizer
         self._graphdef = nnx.graphdef(abstract_model(config))
+        if isinstance(mesh, MeshConfig):
+            mesh = make_mesh(mesh)
+        self.mesh = mesh  # None: one device
+        if mesh is not None:  # parameters split by the logical-axis rules (e.g. heads over tensor)
+            check_model_fits(config, mesh)
+            self.params = jax.device_put(self.params, param_shardings(config, mesh))
+
+    def _on_mesh(self):
+        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
     def __repr__(self):
         n = sum(x.size for x in jax.tree.leaves(self.params))
@@ -57,11 +70,15 @@ class LM:
 
     def logits(self, input_ids, attention_mask=None, token_type_ids=None):
         """Float32 logits: [B, T, V] next-token (decoder) or MLM (encoder); [B, C] for classifiers."""
-        return _apply(self._graphdef, self.params, *self._inputs(input_ids, attention_mask, token_type_ids), "logits")
+        with self._on_mesh():
+            return _apply(self._graphdef, self.params, *self._inputs(input_ids, attention_mask, token_type_ids),
+                          "logits")
 
     def hidden_states(self, input_ids, attention_mask=None, token_type_ids=None):
         """Final hidden states [B, T, D] (HF's last_hidden_state)."""
-        return _apply(self._graphdef, self.params, *self._inputs(input_ids, attention_mask, token_type_ids), "hidden")
+        with self._on_mesh():
+            return _apply(self._graphdef, self.params, *self._inputs(input_ids, attention_mask, token_type_ids),
+                          "hidden")
 
     def generate(self, prompts, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int = 0, num_return_sequences: int = 1, stop=None,
@@ -108,9 +125,10 @@ class LM:
         tok = self.tokenizer
         eos = cfg.eos_token_id if cfg.eos_token_id is not None else getattr(tok, "eos_id", None)
         pad = next(i for i in (cfg.pad_token_id, eos, 0) if i is not None)
-        new = generate_ids(self._graphdef, self.params, cfg, rows, max_new_tokens=max_new_tokens,
-                           sampling=sampling, seed=seed, num_return_sequences=num_return_sequences,
-                           eos_id=eos, pad_id=pad, on_token=on_token)
+        with self._on_mesh():
+            new = generate_ids(self._graphdef, self.params, cfg, rows, max_new_tokens=max_new_tokens,
+                               sampling=sampling, seed=seed, num_return_sequences=num_return_sequences,
+                               eos_id=eos, pad_id=pad, on_token=on_token)
         if not texts:
             n = num_return_sequences
             head = np.full((len(rows) * n, width), pad, np.int64)
@@ -154,13 +172,16 @@ class LM:
 RUNTIME_FIELDS = {"dtype", "scan_layers", "remat", "attention_impl"}
 
 
-def load(path, **config_overrides) -> LM:
-    """Load a jaxlm model dir, a training workdir (its latest checkpoint), or a Hugging Face
-    model dir / hub id.
+def load(path, *, mesh=None, **config_overrides) -> LM:
+    """Load a jaxlm model dir, a training workdir (its latest checkpoint, whatever mesh it was
+    trained on), or a Hugging Face model dir / hub id.
 
-    ``config_overrides`` change how the model is computed (e.g. ``dtype="bfloat16"``), never its
-    shape. Layers run unrolled by default (``scan_layers=False``): faster decoding, slower first
-    compile; pass ``scan_layers=True`` for the opposite.
+    ``mesh`` (a ``MeshConfig`` or a ``jax.sharding.Mesh``) spreads the parameters over devices by
+    the logical-axis rules, e.g. ``mesh=MeshConfig(data=1, tensor=4)`` for tensor-parallel
+    generation; None keeps them on one device. ``config_overrides`` change how the model is
+    computed (e.g. ``dtype="bfloat16"``), never its shape. Layers run unrolled by default
+    (``scan_layers=False``): faster decoding, slower first compile; pass ``scan_layers=True`` for
+    the opposite.
     """
     config_overrides = {"scan_layers": False, **config_overrides}
     from jaxlm.checkpoint import is_model_dir, is_workdir, load_model, load_workdir
@@ -183,4 +204,4 @@ def load(path, **config_overrides) -> LM:
         raise ValueError(f"load() can override only {', '.join(sorted(RUNTIME_FIELDS))}; got {bad[0]!r}")
     if config_overrides:
         config = config.replace(**config_overrides)
-    return LM(config, params, tokenizer)
+    return LM(config, params, tokenizer, mesh=mesh)

@@ -26,7 +26,7 @@ def cmd_generate(args) -> int:
 
     import jaxlm
 
-    lm = jaxlm.load(args.model)
+    lm = jaxlm.load(args.model, mesh=_mesh_overrides("generate", args.overrides))
     if lm.tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer files; use the Python API with token ids")
     rows = [lm.tokenizer.encode(p, add_special_tokens=False) for p in args.prompt]
@@ -49,6 +49,18 @@ def cmd_generate(args) -> int:
         else:
             print(f"{prompt}{text}\n{'-' * 40}" if len(out) > 1 else f"{prompt}{text}", flush=True)
     return 0
+
+
+def _mesh_overrides(command: str, overrides):
+    """mesh.data=N mesh.fsdp=N mesh.tensor=N -> MeshConfig (None when none are given)."""
+    from jaxlm.config import load_config
+
+    if not overrides:
+        return None
+    bad = [o for o in overrides if not o.startswith("mesh.")]
+    if bad:
+        raise ValueError(f"jaxlm {command} takes only mesh.* settings (e.g. mesh.tensor=2); got {bad[0]!r}")
+    return load_config(None, overrides).mesh
 
 
 class _TextStream:
@@ -74,10 +86,14 @@ def cmd_train(args) -> int:
     from jaxlm.config import load_config
     from jaxlm.train import train
 
+    from jaxlm.distributed import initialize
+
     config = args.config
     if config is None and Path(DEFAULT_CONFIG).is_file():
         config = DEFAULT_CONFIG
-    train(load_config(config, args.overrides), log=_log)
+    cfg = load_config(config, args.overrides)  # bad keys fail here, before any process waits on others
+    initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed, log=_log)
+    train(cfg, log=_log)
     return 0
 
 
@@ -114,7 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="continue prompts with a model",
                        description="Generate text. Streams to the terminal; --json prints one object per line.")
-    g.add_argument("model", metavar="MODEL", help="jaxlm model dir, HF model dir or hub id")
+    g.add_argument("model", metavar="MODEL", help="jaxlm model dir, training workdir, HF model dir or hub id")
+    g.add_argument("overrides", nargs="*", metavar="mesh.AXIS=N",
+                   help="spread the model over devices, e.g. mesh.tensor=4 (default: one device)")
     g.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
@@ -130,13 +148,22 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a model. With no arguments: the quickstart (a small byte-level "
                                    "GPT on the Python standard library, a few minutes on a CPU).")
     t.add_argument("--config", help="YAML file of overrides (default: configs/quickstart.yaml)")
-    t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.steps=100 model.n_layers=4")
+    t.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="e.g. train.steps=100 model.n_layers=4 mesh.data=2 mesh.fsdp=2 mesh.tensor=2")
+    d = t.add_argument_group("multi-host", "one process per host; on TPU pods and under SLURM (several "
+                             "tasks) the processes find each other by themselves")
+    d.add_argument("--distributed", action="store_true",
+                   help="join a multi-process run that JAX detects (TPU pod slice, SLURM, ...)")
+    d.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0 (explicit setup)")
+    d.add_argument("--num-processes", type=int, metavar="N")
+    d.add_argument("--process-id", type=int, metavar="I", help="0 .. N-1")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="loss / perplexity (and MLM accuracy) of a model on a split, as JSON")
     e.add_argument("model", metavar="MODEL", help="training workdir, jaxlm model dir or HF model dir")
     e.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="data.* and train.objective settings (default: the workdir's, else the default corpus)")
+                   help="data.*, train.objective and mesh.* settings (default: the workdir's data, else "
+                        "the default corpus; one device)")
     e.add_argument("--split", default="validation")
     e.add_argument("--batches", type=int, default=16)
     e.set_defaults(func=cmd_eval)

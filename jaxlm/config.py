@@ -384,22 +384,28 @@ def _section(cls, name, values: dict):
     return cls(**values)
 
 
-def _parse_value(text: str):
+def _yaml_load(text: str):
+    """yaml.safe_load, except that 1e-5 / 3E+4 read as floats (YAML 1.1 needs a dot: '1.0e-5'),
+    so JSON files (e.g. a run's own config.json) and plain YAML both work as config files."""
+    import re
+
     import yaml
 
-    value = yaml.safe_load(text) if text != "" else ""
-    if isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    return value
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
+        r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+    return yaml.load(text, Loader=Loader)
+
+
+def _parse_value(text: str):
+    return _yaml_load(text) if text != "" else ""
 
 
 def load_config(path=None, overrides=()) -> Config:
     """A Config from an optional YAML file and ``key=value`` overrides (``model=NAME`` picks a preset;
     ``model.FIELD=V`` changes one field). Unknown keys are rejected with the closest valid name."""
-    import yaml
     from pathlib import Path
 
     raw: dict[str, Any] = {}
@@ -407,7 +413,7 @@ def load_config(path=None, overrides=()) -> Config:
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
-        raw = yaml.safe_load(p.read_text()) or {}
+        raw = _yaml_load(p.read_text()) or {}
         if not isinstance(raw, dict):
             raise ValueError(f"config file {path} must hold a mapping of sections")
     raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}

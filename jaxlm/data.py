@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import hashlib
@@ -109,12 +110,29 @@ def local_text_source(files: list[Path], split: str, *, unit: str = "file", val_
     config = config_cls(name=name or "t" + files_digest(files, unit, val_fraction), files=[str(f) for f in files],
                         root=root, unit=unit, val_fraction=val_fraction,
                         version=builder_cls.VERSION)
-    builder = builder_cls(config=config, data_dir=str(Path(data_dir or DEFAULT_DATA_DIR) / "tfds"))
-    try:
-        builder.download_and_prepare(file_format="array_record")
-    except AssertionError as e:  # tfds: 'No examples were yielded' for a split
-        raise ValueError(f"the data files hold no text ({len(files)} files, from {root})") from e
+    tfds_dir = Path(data_dir or DEFAULT_DATA_DIR) / "tfds"
+    # Several processes of one run may share the disk: one prepares, the others wait and reuse it.
+    with file_lock(tfds_dir / f".{config.name}.lock"):
+        builder = builder_cls(config=config, data_dir=str(tfds_dir))
+        try:
+            builder.download_and_prepare(file_format="array_record")
+        except AssertionError as e:  # tfds: 'No examples were yielded' for a split
+            raise ValueError(f"the data files hold no text ({len(files)} files, from {root})") from e
     return builder.as_data_source(split=split)
+
+
+@contextlib.contextmanager
+def file_lock(path: Path):
+    """An exclusive lock (flock) on ``path`` for the duration of the block."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def text_source(data_cfg, split: str):
@@ -159,8 +177,13 @@ def token_stream(source, tokenizer, *, cache_dir, tag: str, text_key: str = "tex
                  log=None) -> np.ndarray:
     """All documents of ``source`` tokenized and joined with EOS after each one (cached as .npy)."""
     cache = Path(cache_dir) / f"{tag}.npy"
-    if cache.is_file():
-        return np.load(cache, mmap_mode="r")
+    with file_lock(Path(cache_dir) / f".{tag}.lock"):  # processes sharing the disk tokenize once
+        if cache.is_file():
+            return np.load(cache, mmap_mode="r")
+        return _tokenize(source, tokenizer, cache, text_key, log)
+
+
+def _tokenize(source, tokenizer, cache: Path, text_key: str, log) -> np.ndarray:
     eos = tokenizer.eos_id
     chunks = []
     n = len(source)
@@ -240,4 +263,6 @@ def loader(rows: PackedRows, *, batch_size: int, seed: int, shuffle: bool = True
     shards = EpochShards(rows, seed=seed, shuffle=shuffle, process_index=process_index,
                          process_count=process_count)
     ds = grain.MapDataset.source(shards).batch(batch_size // process_count, drop_remainder=True)
-    return iter(ds.to_iter_dataset())
+    # Rows are slices of a memory-mapped array: one reader thread a few batches ahead is plenty
+    # (grain's default reads ~500 batches ahead: gigabytes for large batches).
+    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)))

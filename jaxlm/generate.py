@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from jaxlm.config import ModelConfig
+from jaxlm.sharding import constrain
 from jaxlm.transformer import positions_from_mask
 
 
@@ -103,9 +104,10 @@ def init_cache(cfg: ModelConfig, batch: int, length: int):
     """Zeroed KV cache in the compute dtype, in the layout the layer loop wants:
     {"k", "v": [L, B, S, K, Dh]} with scan_layers, else {"k", "v": L-tuples of [B, S, K, Dh]}."""
     shape = (batch, length, cfg.kv_heads, cfg.dim_per_head)
+    axes = ("batch", "length", "kv_heads", "kv")  # on a mesh: rows over data, heads over tensor
     if cfg.scan_layers:
-        return {"k": jnp.zeros((cfg.n_layers, *shape), cfg.dtype), "v": jnp.zeros((cfg.n_layers, *shape), cfg.dtype)}
-    return {n: tuple(jnp.zeros(shape, cfg.dtype) for _ in range(cfg.n_layers)) for n in ("k", "v")}
+        return {n: constrain(jnp.zeros((cfg.n_layers, *shape), cfg.dtype), ("layers", *axes)) for n in ("k", "v")}
+    return {n: tuple(constrain(jnp.zeros(shape, cfg.dtype), axes) for _ in range(cfg.n_layers)) for n in ("k", "v")}
 
 
 def _generate(graphdef, params, prompt, prompt_mask, row_keys, active, *, max_new: int,

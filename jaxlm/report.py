@@ -43,6 +43,7 @@ def plot_losses(workdir, output=None) -> Path:
 
 def evaluate_model(model_path, overrides=(), *, split: str = "validation", batches: int = 16) -> dict:
     """{"loss", "perplexity", "tokens", ["accuracy"]} of a model on a split of its data config."""
+    import jax
     import jax.numpy as jnp
     import numpy as np
 
@@ -50,13 +51,18 @@ def evaluate_model(model_path, overrides=(), *, split: str = "validation", batch
     from jaxlm.checkpoint import is_workdir
     from jaxlm.config import load_config
     from jaxlm.data import loader
+    from jaxlm.sharding import batch_sharding, check_batch_fits, make_mesh
     from jaxlm.train import StepSpec, _rows, check_seq_len, make_eval_step, tokenizer_tag
 
-    lm = jaxlm.load(model_path)
-    if lm.tokenizer is None:
-        raise ValueError(f"{model_path} has no tokenizer files, so no text can be evaluated")
     workdir = is_workdir(model_path)
     cfg = load_config(Path(model_path, "config.json") if workdir else None, overrides)
+    # A mesh only when asked for (mesh.*=...): the run's own mesh may not exist on this machine.
+    mesh = make_mesh(cfg.mesh) if any(o.startswith("mesh.") for o in overrides) else None
+    if mesh is not None:
+        check_batch_fits(cfg.data.batch_size, mesh)
+    lm = jaxlm.load(model_path, mesh=mesh)
+    if lm.tokenizer is None:
+        raise ValueError(f"{model_path} has no tokenizer files, so no text can be evaluated")
     if workdir or any(o.startswith("train.objective=") for o in overrides):
         objective = cfg.train.objective
     else:
@@ -72,7 +78,8 @@ def evaluate_model(model_path, overrides=(), *, split: str = "validation", batch
     n = min(batches, max(1, len(rows) // cfg.data.batch_size))
     tot = np.zeros(3)
     for i in range(n):
-        tot += np.array([float(x) for x in step(lm.params, jnp.asarray(next(it)), i)])
+        batch = jnp.asarray(next(it)) if mesh is None else jax.device_put(next(it), batch_sharding(mesh))
+        tot += np.array([float(x) for x in step(lm.params, batch, i)])
     loss = tot[0] / max(tot[1], 1)
     out = {"model": str(model_path), "split": split, "objective": objective, "loss": loss,
            "perplexity": math.exp(loss), "tokens": int(tot[1])}

@@ -52,6 +52,24 @@ def make_mesh(cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
     return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * 3, devices=devices[:math.prod(shape)])
 
 
+def check_model_fits(cfg: ModelConfig, mesh) -> None:
+    """Refuse (one line, before anything compiles) a model whose heads the tensor axis cannot split."""
+    t = mesh.shape["tensor"]
+    for field, n in (("n_heads", cfg.n_heads), ("n_kv_heads", cfg.kv_heads)):
+        if n % t:
+            raise ValueError(f"model.{field}={n} is not divisible by mesh.tensor={t}; use a tensor size "
+                             f"that divides it: {', '.join(str(d) for d in range(1, n + 1) if n % d == 0)}")
+
+
+def check_batch_fits(batch_size: int, mesh, grad_accum: int = 1) -> None:
+    """The global batch splits over data x fsdp (and each micro-batch too)."""
+    split = mesh.shape["data"] * mesh.shape["fsdp"]
+    if batch_size % (split * grad_accum):
+        extra = f" x optim.grad_accum={grad_accum} micro-batches" if grad_accum > 1 else ""
+        raise ValueError(f"data.batch_size={batch_size} does not split over mesh.data x mesh.fsdp = {split} "
+                         f"devices{extra}; use a multiple of {split * grad_accum}")
+
+
 def spec_for(shape, logical_axes, mesh) -> PartitionSpec:
     """The PartitionSpec of an array with these logical axes; indivisible dims stay replicated."""
     out, used = [], set()
@@ -75,6 +93,14 @@ def param_shardings(cfg: ModelConfig, mesh) -> dict:
     specs = jax.tree.map(lambda v: NamedSharding(mesh, spec_for(v.shape, v.get_metadata()["out_sharding"], mesh)),
                          state, is_leaf=lambda x: isinstance(x, nnx.Variable))
     return nnx.to_pure_dict(specs)
+
+
+def constrain(x, logical_axes):
+    """Pin ``x``'s layout inside jit to the rules, when a mesh is set (``jax.set_mesh``); else a no-op."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(AXES) <= set(mesh.axis_names):
+        return x
+    return jax.lax.with_sharding_constraint(x, spec_for(x.shape, logical_axes, mesh))
 
 
 def batch_sharding(mesh) -> NamedSharding:

@@ -26,7 +26,8 @@ from flax import nnx
 
 from jaxlm.config import Config
 from jaxlm.optim import make_optimizer, schedule
-from jaxlm.sharding import batch_sharding, like_params, make_mesh, param_shardings
+from jaxlm.sharding import (batch_sharding, check_batch_fits, check_model_fits, like_params, make_mesh,
+                            param_shardings)
 from jaxlm.transformer import abstract_model, build_model
 
 
@@ -237,6 +238,9 @@ def train(cfg: Config, *, log=None) -> dict:
     from jaxlm.checkpoint import TrainCheckpoints
     from jaxlm.data import loader
 
+    pi, pc = jax.process_index(), jax.process_count()
+    if pi != 0:  # in a multi-host run only process 0 reports; errors still raise everywhere
+        log = lambda msg: None  # noqa: E731
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     t_start = time.perf_counter()
     workdir = Path(cfg.train.workdir)
@@ -257,7 +261,13 @@ def train(cfg: Config, *, log=None) -> dict:
         raise ValueError("train.objective=mlm needs a tokenizer with a mask token")
     specials = tuple(i for i in (tokenizer.eos_id, tokenizer.pad_id, getattr(tokenizer, "cls_id", None))
                      if i is not None)
-    pi, pc = jax.process_index(), jax.process_count()
+    # Mesh and shape checks come first: a bad mesh fails in one line, before anything compiles.
+    mesh = make_mesh(cfg.mesh)
+    check_model_fits(cfg.model, mesh)
+    check_batch_fits(cfg.data.batch_size, mesh, cfg.optim.grad_accum)
+    if pc > 1:
+        log(f"process {pi} of {pc}: {jax.local_device_count()} local devices, {jax.device_count()} in all; "
+            f"mesh data={mesh.shape['data']} fsdp={mesh.shape['fsdp']} tensor={mesh.shape['tensor']}")
     train_rows = _rows(cfg, "train", tokenizer, tok_tag, log)
     val_rows = _rows(cfg, "validation", tokenizer, tok_tag, log)
     it = loader(train_rows, batch_size=cfg.data.batch_size, seed=cfg.train.seed, process_index=pi,
@@ -269,7 +279,6 @@ def train(cfg: Config, *, log=None) -> dict:
     tx = make_optimizer(cfg.optim, cfg.train.steps)
     lr_fn = schedule(cfg.optim, cfg.train.steps)
     # Initialise straight into the mesh layout: the full model never sits on one device.
-    mesh = make_mesh(cfg.mesh)
     p_sharding = param_shardings(model_cfg, mesh)
     init = jax.jit(lambda: nnx.to_pure_dict(nnx.state(build_model(model_cfg, cfg.train.seed), nnx.Param)),
                    out_shardings=p_sharding)
@@ -277,10 +286,6 @@ def train(cfg: Config, *, log=None) -> dict:
     o_sharding = like_params(jax.eval_shape(tx.init, params), p_sharding, mesh)
     opt_state = jax.jit(tx.init, out_shardings=o_sharding)(params)
     rows_sharding = batch_sharding(mesh)
-    split = mesh.shape["data"] * mesh.shape["fsdp"]
-    if cfg.data.batch_size % (split * cfg.optim.grad_accum):
-        raise ValueError(f"data.batch_size={cfg.data.batch_size} must divide into {split} data x fsdp shards "
-                         f"(and optim.grad_accum={cfg.optim.grad_accum} micro-batches)")
 
     workdir.mkdir(parents=True, exist_ok=True)
     ckpts = TrainCheckpoints(workdir, keep=cfg.train.keep)

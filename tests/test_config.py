@@ -4,7 +4,7 @@ import pytest
 import transformers
 
 from jaxlm import ModelConfig
-from jaxlm.config import PRESETS
+from jaxlm.config import PRESETS, load_config
 
 
 @pytest.mark.parametrize("preset, hf", [
@@ -62,3 +62,15 @@ def test_shipped_configs_load(name):
 
     cfg = load_config(f"configs/{name}.yaml", ["train.steps=7"])
     assert cfg.train.steps == 7 and cfg.data.seq_len <= cfg.model.max_len
+
+
+def test_a_runs_config_json_is_a_config_file(tmp_path):
+    """JSON floats like 1e-05 (YAML 1.1 strings) read as numbers: config.json of a run reloads as is."""
+    import json
+
+    cfg = load_config(None, ["model=bert-tiny", "optim.lr=3e-4", "mesh.tensor=2"])
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    assert load_config(tmp_path / "config.json") == cfg
+    (tmp_path / "c.yaml").write_text("model:\n  norm_eps: 1e-6\noptim:\n  lr: 2E-3\n")
+    got = load_config(tmp_path / "c.yaml")
+    assert got.model.norm_eps == 1e-6 and got.optim.lr == 2e-3

@@ -105,3 +105,129 @@ def test_training_on_meshes_matches_one_device(small_corpus, tmp_path, preset, o
     base = run((1, 1, 1))  # one device
     for shape in [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)]:
         np.testing.assert_allclose(run(shape), base, rtol=1e-5)
+
+
+# Snapshot: every parameter and optimizer-state leaf's PartitionSpec under (2, 2, 2) -----------
+
+GOLDEN = __import__("pathlib").Path(__file__).parent / "golden" / "sharding_2x2x2.txt"
+
+
+def _sharding_table() -> str:
+    """'path shape spec' per leaf of params and AdamW state, for GPT-2 small and BERT base."""
+    from jaxlm.config import OptimConfig
+    from jaxlm.optim import make_optimizer
+    from jaxlm.sharding import like_params
+    from jaxlm.transformer import abstract_params
+
+    mesh = make_mesh(MeshConfig(2, 2, 2))
+    lines = []
+    for preset in ("gpt2", "bert-base-uncased"):
+        cfg = ModelConfig.preset(preset)
+        p_shard = param_shardings(cfg, mesh)
+        params = abstract_params(cfg)
+        opt = jax.eval_shape(make_optimizer(OptimConfig(), 100).init, params)
+        o_shard = like_params(opt, p_shard, mesh)
+        for title, tree, shard in (("params", params, p_shard), ("opt_state", opt, o_shard)):
+            lines.append(f"# {preset} {title}")
+            for (path, leaf), s in zip(jax.tree_util.tree_leaves_with_path(tree), jax.tree.leaves(shard)):
+                lines.append(f"{jax.tree_util.keystr(path, simple=True, separator='/')} "
+                             f"{tuple(leaf.shape)} {s.spec}")
+    return "\n".join(lines) + "\n"
+
+
+def test_sharding_snapshot_gpt2_and_bert_on_2x2x2():
+    """Regenerate after a deliberate change of the rules: JAXLM_UPDATE_GOLDEN=1 pytest -k snapshot."""
+    import difflib
+    import os
+
+    table = _sharding_table()
+    if os.environ.get("JAXLM_UPDATE_GOLDEN"):
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(table)
+    want = GOLDEN.read_text()
+    diff = "".join(difflib.unified_diff(want.splitlines(True), table.splitlines(True), "checked in", "now", n=0))
+    assert table == want, diff[:4000]
+    # Spot checks of what the table must say, whatever was checked in.
+    assert "gpt2 params" in want and "bert-base-uncased opt_state" in want
+    assert "layers/blocks/attn/q/kernel (12, 768, 12, 64) P(None, 'fsdp', 'tensor', None)" in want
+    assert "embed/tokens/embedding (50257, 768) P(None, 'fsdp')" in want  # 50257 is odd
+    assert "embed/tokens/embedding (30522, 768) P('tensor', 'fsdp')" in want
+
+
+def test_bad_mesh_fails_before_compiling(small_corpus, tmp_path):
+    from jaxlm.config import load_config
+    from jaxlm.train import train
+
+    base = ["model=gpt2-tiny", "model.vocab_size=259", "model.d_model=48", "model.n_layers=1", "model.n_heads=6",
+            "model.max_len=32", "data.seq_len=32", "data.batch_size=12", f"data.path={small_corpus / 'text'}",
+            f"data.data_dir={small_corpus / 'cache'}", f"train.workdir={tmp_path / 'w'}"]
+    cases = [(["mesh.data=3"], "does not fit 8 devices; each size must divide it: 1, 2, 4, 8"),
+             (["mesh.data=8"], r"data.batch_size=12 does not split over mesh.data x mesh.fsdp = 8 devices; "
+                               "use a multiple of 8"),
+             (["mesh.data=1", "mesh.tensor=4"], "model.n_heads=6 is not divisible by mesh.tensor=4; use a "
+                                                "tensor size that divides it: 1, 2, 3, 6")]
+    for extra, message in cases:
+        with pytest.raises(ValueError, match=message):
+            train(load_config(None, base + extra), log=lambda m: None)
+        assert not (tmp_path / "w").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 4), (2, 1, 2)])
+def test_greedy_generation_under_tensor_parallel_equals_one_device(shape):
+    from jaxlm.api import LM
+
+    cfg = ModelConfig.preset("gpt2-tiny", **{**SMALL, "max_len": 64}).replace(scan_layers=False)
+    params = nnx.to_pure_dict(nnx.state(build_model(cfg), nnx.Param))
+    prompts = [[1, 2, 3, 4, 5], [7, 8, 9], [10, 11, 12, 13, 14, 15, 16]]
+    want = LM(cfg, params).generate(prompts, max_new_tokens=24)
+    lm = LM(cfg, params, mesh=MeshConfig(*shape))
+    assert lm.params["layers"]["blocks"][0]["attn"]["q"]["kernel"].sharding.spec == P(None, "tensor", None)
+    np.testing.assert_array_equal(lm.generate(prompts, max_new_tokens=24), want)
+    np.testing.assert_allclose(np.asarray(lm.logits(prompts[0])), np.asarray(LM(cfg, params).logits(prompts[0])),
+                               atol=1e-5)
+
+
+def test_checkpoint_of_2x2x2_resumes_on_1x8x1_and_on_one_device(small_corpus, tmp_path):
+    """Train 8 steps on (2, 2, 2) saving at 4 and 8; from the step-4 checkpoint, resume on (1, 8, 1)
+    in this process and on one device in a fresh process: steps 5..8 repeat the losses."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import jaxlm
+    from jaxlm.config import load_config
+    from jaxlm.train import train
+
+    args = ["model=gpt2-tiny", "model.vocab_size=259", "model.d_model=32", "model.n_layers=2", "model.n_heads=4",
+            "model.max_len=32", "model.dropout=0", "model.attention_dropout=0", "data.seq_len=32",
+            "data.batch_size=8", f"data.path={small_corpus / 'text'}", f"data.data_dir={small_corpus / 'cache'}",
+            "train.steps=8", "train.eval_every=0", "train.save_every=4"]
+
+    def losses(w):
+        return [json.loads(x)["loss"] for x in open(w / "metrics.jsonl")]
+
+    full = tmp_path / "full"
+    train(load_config(None, [*args, f"train.workdir={full}", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]),
+          log=lambda m: None)
+    for name in ("on_1x8x1", "on_one_device"):
+        shutil.copytree(full, tmp_path / name)
+        shutil.rmtree(tmp_path / name / "checkpoints" / "8")  # as if the run had stopped after step 4
+    train(load_config(None, [*args, f"train.workdir={tmp_path / 'on_1x8x1'}", "mesh.data=1", "mesh.fsdp=8"]),
+          log=lambda m: None)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    # The run's own config.json as the config file, with another workdir and mesh.
+    run = subprocess.run([sys.executable, "-m", "jaxlm.cli", "train", "--config", str(full / "config.json"),
+                          f"train.workdir={tmp_path / 'on_one_device'}", "mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1"],
+                         env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "resumed from" in run.stderr and "checkpoints/4" in run.stderr
+    for name in ("on_1x8x1", "on_one_device"):
+        np.testing.assert_allclose(losses(tmp_path / name), losses(full), rtol=1e-5)
+
+    # jaxlm.load puts the (2, 2, 2) run's parameters on one device, or on a mesh of our choice.
+    one, tp = jaxlm.load(full), jaxlm.load(full, mesh=MeshConfig(1, 1, 4))
+    assert all(len(x.sharding.device_set) == 1 for x in jax.tree.leaves(one.params))
+    ids = np.arange(1, 20)[None]
+    np.testing.assert_allclose(np.asarray(tp.logits(ids)), np.asarray(one.logits(ids)), atol=1e-5)

@@ -112,6 +112,8 @@ def test_generate_json_and_streaming(hf_dir, tmp_path):
     (["--top-k", "60000"], r"top_k=60000 must be in \[0, 50257\]"),
     (["--num-return-sequences", "0"], "num_return_sequences=0 must be >= 1"),
     (["--max-new-tokens", "500"], "exceeds the model's context of 128 tokens"),
+    (["train.steps=3"], r"jaxlm generate takes only mesh.\* settings \(e.g. mesh.tensor=2\); got 'train.steps=3'"),
+    (["mesh.tensor=16"], "does not fit 8 devices"),
 ])
 def test_generate_bad_input_exits_2(hf_dir, flags, message):
     proc = jaxlm_cmd("generate", hf_dir("GPT2LMHeadModel"), "--prompt", "Hi", *flags)

@@ -231,3 +231,12 @@ def test_checkpoint_of_2x2x2_resumes_on_1x8x1_and_on_one_device(small_corpus, tm
     assert all(len(x.sharding.device_set) == 1 for x in jax.tree.leaves(one.params))
     ids = np.arange(1, 20)[None]
     np.testing.assert_allclose(np.asarray(tp.logits(ids)), np.asarray(one.logits(ids)), atol=1e-5)
+
+    # Evaluation and generation take a mesh too (mesh.* settings), with the one-device results.
+    from jaxlm.report import evaluate_model
+
+    on_one = evaluate_model(full, batches=2)
+    on_mesh = evaluate_model(full, ["mesh.data=2", "mesh.tensor=2"], batches=2)
+    assert on_mesh["tokens"] == on_one["tokens"]
+    np.testing.assert_allclose(on_mesh["loss"], on_one["loss"], rtol=1e-5)
+    np.testing.assert_array_equal(tp.generate([[5, 6, 7]], max_new_tokens=8), one.generate([[5, 6, 7]], max_new_tokens=8))

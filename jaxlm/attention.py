@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxlm.layers import Dense, apply_rope, dropout
+from jaxlm.layers import Dense, apply_rope, dense_options, dropout
 
 
 def make_mask(key_valid, query_slots=None, *, causal: bool):
@@ -62,10 +62,10 @@ class Attention(nnx.Module):
     def __init__(self, cfg, *, rngs: nnx.Rngs):
         d, h, kh, dh = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
         dense = dict(use_bias=cfg.use_bias, std=cfg.init_std, dtype=jnp.dtype(cfg.dtype), rngs=rngs)
-        self.q = Dense("btd,dhk->bthk", (d, h, dh), ("embed", "heads", "kv"), **dense)
-        self.k = Dense("btd,dhk->bthk", (d, kh, dh), ("embed", "kv_heads", "kv"), **dense)
-        self.v = Dense("btd,dhk->bthk", (d, kh, dh), ("embed", "kv_heads", "kv"), **dense)
-        self.o = Dense("bthk,hkd->btd", (h, dh, d), ("heads", "kv", "embed"), **dense)
+        self.q = Dense("btd,dhk->bthk", (d, h, dh), ("embed", "heads", "kv"), **dense, **dense_options(cfg, "q"))
+        self.k = Dense("btd,dhk->bthk", (d, kh, dh), ("embed", "kv_heads", "kv"), **dense, **dense_options(cfg, "k"))
+        self.v = Dense("btd,dhk->bthk", (d, kh, dh), ("embed", "kv_heads", "kv"), **dense, **dense_options(cfg, "v"))
+        self.o = Dense("bthk,hkd->btd", (h, dh, d), ("heads", "kv", "embed"), **dense, **dense_options(cfg, "o"))
         self.rope_theta = cfg.rope_theta if cfg.positions == "rope" else None
         self.impl = cfg.attention_impl
         self.attention_dropout = cfg.attention_dropout

@@ -25,6 +25,16 @@ def is_model_dir(path) -> bool:
     return p.is_file() and json.loads(p.read_text()).get("format") == FORMAT
 
 
+def check_destination(dst, *, overwrite: bool = False) -> Path:
+    """``dst`` as an absolute path, if it may be written: absent, empty, or ``overwrite``."""
+    dst = Path(dst).absolute()
+    if dst.exists() and not dst.is_dir():
+        raise FileExistsError(f"destination {dst} exists and is not a directory")
+    if dst.is_dir() and any(dst.iterdir()) and not overwrite:
+        raise FileExistsError(f"destination {dst} exists and is not empty; pass --overwrite to replace it")
+    return dst
+
+
 @contextlib.contextmanager
 def atomic_dir(dst, overwrite: bool = False):
     """Yield a fresh temporary directory that becomes ``dst`` if the block succeeds.
@@ -32,11 +42,7 @@ def atomic_dir(dst, overwrite: bool = False):
     Refuses a ``dst`` that exists and is not empty unless ``overwrite``; on failure the
     temporary directory is removed and ``dst`` is left exactly as it was.
     """
-    dst = Path(dst).absolute()
-    if dst.exists() and not dst.is_dir():
-        raise FileExistsError(f"destination {dst} exists and is not a directory")
-    if dst.is_dir() and any(dst.iterdir()) and not overwrite:
-        raise FileExistsError(f"destination {dst} exists and is not empty; pass --overwrite to replace it")
+    dst = check_destination(dst, overwrite=overwrite)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -156,9 +162,17 @@ def _small_arrays_whole() -> None:
     from orbax.checkpoint import type_handlers
     from orbax.checkpoint._src.metadata import array_metadata_store
 
-    type_handlers.register_type_handler(jax.Array, type_handlers.ArrayHandler(
-        array_metadata_store=array_metadata_store.Store(), min_slice_bytes_for_replica_parallel=1 << 20),
-        override=True)
+    import logging
+
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)  # not the "overriding jax.Array" warning on every run
+    try:
+        type_handlers.register_type_handler(jax.Array, type_handlers.ArrayHandler(
+            array_metadata_store=array_metadata_store.Store(), min_slice_bytes_for_replica_parallel=1 << 20),
+            override=True)
+    finally:
+        absl_logger.setLevel(level)
     _ARRAY_HANDLER_SET.append(True)
 
 
@@ -225,6 +239,8 @@ def load_workdir(path):
     """(model config, params, tokenizer) from a training workdir's latest checkpoint, on one device."""
     from flax import nnx
 
+    from jaxlm.compress import tree
+    from jaxlm.compress.lora import is_adapter
     from jaxlm.config import Config
     from jaxlm.tokenizer import load_tokenizer
     from jaxlm.transformer import abstract_model
@@ -237,7 +253,16 @@ def load_workdir(path):
     one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     # Training checkpoints keep the run's own layout (stacked or per-layer, by model.scan_layers).
     layout = nnx.to_pure_dict(nnx.state(abstract_model(cfg.model), nnx.Param))
+    lora = cfg.adapt.method == "lora"
+    if lora:  # the checkpoints hold the adapters; the frozen base is the model they started from
+        layout, _ = tree.split(layout, is_adapter)
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), layout)
     params = ckpts.restore_params(step, abstract)
     ckpts.close()
+    if lora:
+        from jaxlm.api import load
+
+        base = load(cfg.adapt.init, scan_layers=cfg.model.scan_layers)  # the base must still exist
+        params = tree.merge(base.params, params)
     return cfg.model, params, load_tokenizer(path)
+

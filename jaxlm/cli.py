@@ -114,6 +114,61 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _transform(args, fn, what: str) -> int:
+    """Load SRC, apply ``fn(config, params) -> (config, params)``, save DST; print the sizes."""
+    import jaxlm
+    from jaxlm.api import LM
+    from jaxlm.checkpoint import check_destination
+    from jaxlm.compress import count_params, nbytes
+
+    check_destination(args.dst, overwrite=args.overwrite)  # before any work
+    t0 = time.perf_counter()
+    lm = jaxlm.load(args.src)
+    config, params = fn(lm.config, lm.params)
+    out = LM(config, params, lm.tokenizer)
+    out.save(args.dst, overwrite=args.overwrite)
+    _log(f"{what}: {count_params(lm.params):,} params / {nbytes(lm.params) / 2**20:.1f} MiB -> "
+         f"{count_params(out.params):,} params / {nbytes(out.params) / 2**20:.1f} MiB in {args.dst} "
+         f"({time.perf_counter() - t0:.1f}s)")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from jaxlm.compress.lora import merge_lora
+
+    return _transform(args, merge_lora, "exported (LoRA adapters merged)")
+
+
+def cmd_quantize(args) -> int:
+    from jaxlm.compress.quantize import quantize_int8
+
+    return _transform(args, quantize_int8, "int8 weight-only")
+
+
+def cmd_lowrank(args) -> int:
+    from jaxlm.compress.lowrank import factorize
+
+    def fn(config, params):
+        config, params = factorize(config, params, targets=args.targets, rank=args.rank, energy=args.energy)
+        _log(f"rank {config.factor_rank} for {', '.join(config.factor_targets)}")
+        return config, params
+
+    return _transform(args, fn, "low-rank")
+
+
+def cmd_prune(args) -> int:
+    from jaxlm.compress.prune import apply_masks, check_sparsity, magnitude_masks, measured_sparsity
+
+    check_sparsity(args.sparsity)
+
+    def fn(config, params):
+        params = apply_masks(params, magnitude_masks(params, args.sparsity, scope=args.scope))
+        _log(f"block-kernel sparsity {measured_sparsity(params):.4f} ({args.scope})")
+        return config, params
+
+    return _transform(args, fn, "pruned")
+
+
 DEFAULT_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml")
 
 
@@ -167,6 +222,26 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="validation")
     e.add_argument("--batches", type=int, default=16)
     e.set_defaults(func=cmd_eval)
+
+    def transform(name, help_text):
+        x = sub.add_parser(name, help=help_text, description=help_text + ". SRC: any model jaxlm.load "
+                           "accepts (model dir, training workdir, HF dir); DST: a new jaxlm model dir.")
+        x.add_argument("src", metavar="SRC")
+        x.add_argument("dst", metavar="DST")
+        x.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
+        return x
+
+    transform("export", "write a jaxlm model dir with LoRA adapters merged into the kernels").set_defaults(func=cmd_export)
+    transform("quantize", "int8 weight-only copy (per-output-channel scales)").set_defaults(func=cmd_quantize)
+    lr = transform("lowrank", "replace block kernels by rank-r SVD factors")
+    lr.add_argument("--rank", type=int, help="the rank of every factored kernel")
+    lr.add_argument("--energy", type=float, help="or: the fraction of squared singular values to keep, e.g. 0.9")
+    lr.add_argument("--targets", default="up,down", help="block kernels to factor (default: up,down)")
+    lr.set_defaults(func=cmd_lowrank)
+    pr = transform("prune", "zero the smallest-magnitude block-kernel weights")
+    pr.add_argument("--sparsity", type=float, required=True, help="fraction of weights set to zero, in [0, 1)")
+    pr.add_argument("--scope", choices=("global", "layer"), default="global")
+    pr.set_defaults(func=cmd_prune)
 
     pl = sub.add_parser("plot", help="PNG of the training and validation loss curves of a workdir")
     pl.add_argument("workdir", metavar="WORKDIR")

@@ -11,6 +11,8 @@ import difflib
 import json
 from typing import Any
 
+BLOCK_KERNELS = ("q", "k", "v", "o", "up", "down")
+
 _CHOICES = {
     "arch": ("decoder", "encoder"),
     "activation": ("gelu_tanh", "gelu", "relu", "silu"),
@@ -20,6 +22,7 @@ _CHOICES = {
     "head": ("lm", "mlm", "classify", "none"),
     "dtype": ("float32", "bfloat16", "float16"),
     "attention_impl": ("xla", "cudnn", "einsum"),
+    "quantize": ("none", "int8"),
 }
 
 
@@ -67,6 +70,14 @@ class ModelConfig:
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | None = None
+    # Adaptation and compression (each changes which parameters exist; see jaxlm/compress/).
+    # Targets name the kernels of every block: q, k, v, o (attention), up, down (MLP).
+    lora_rank: int = 0  # LoRA adapters of this rank beside the lora_targets kernels; 0 = none
+    lora_alpha: float = 16.0  # the adapters' output is scaled by lora_alpha / lora_rank
+    lora_targets: tuple[str, ...] = ("q", "v")
+    factor_rank: int = 0  # factor_targets kernels stored as two rank-r factors; 0 = full
+    factor_targets: tuple[str, ...] = ()
+    quantize: str = "none"  # int8: weight-only int8 kernels and embeddings, per-channel scales
     # How to compute (results unchanged):
     dtype: str = "float32"
     scan_layers: bool = True
@@ -74,6 +85,10 @@ class ModelConfig:
     attention_impl: str = "xla"
 
     def __post_init__(self):
+        for field in ("lora_targets", "factor_targets"):  # from YAML / JSON lists or "q,v" strings
+            value = getattr(self, field)
+            names = value.split(",") if isinstance(value, str) else value
+            object.__setattr__(self, field, tuple(n.strip() for n in names if n.strip()))
         for field, allowed in _CHOICES.items():
             value = getattr(self, field)
             if value not in allowed:
@@ -96,6 +111,20 @@ class ModelConfig:
             raise ValueError(f"rotary positions need an even head_dim, got {self.dim_per_head}")
         if self.head == "classify" and self.arch == "decoder":
             raise ValueError("head='classify' is available for encoders only (for now)")
+        for kind, rank, targets in (("lora", self.lora_rank, self.lora_targets),
+                                    ("factor", self.factor_rank, self.factor_targets)):
+            if rank < 0:
+                raise ValueError(f"ModelConfig.{kind}_rank={rank} must be >= 0")
+            for name in targets if rank else ():
+                if name not in BLOCK_KERNELS:
+                    raise ValueError(f"{kind} target {name!r} matches no kernel; the kernels of a block are "
+                                     f"{', '.join(BLOCK_KERNELS)}" + closest(name, BLOCK_KERNELS))
+                fan_in, fan_out = self.kernel_dims(name)
+                if rank > min(fan_in, fan_out):
+                    raise ValueError(f"{kind} rank {rank} is larger than kernel {name!r} allows: it is "
+                                     f"{fan_in} x {fan_out}, so the rank is at most {min(fan_in, fan_out)}")
+        if self.factor_rank and self.lora_rank and set(self.factor_targets) & set(self.lora_targets):
+            raise ValueError("a kernel cannot be both factored and LoRA-adapted; fine-tune first, then factor")
 
     # Derived values -------------------------------------------------------------------------
     @property
@@ -113,6 +142,12 @@ class ModelConfig:
     @property
     def causal(self) -> bool:
         return self.arch == "decoder"
+
+    def kernel_dims(self, name: str) -> tuple[int, int]:
+        """(fan-in, fan-out) of a block kernel: q, k, v, o, up or down."""
+        d, hd, kd = self.d_model, self.n_heads * self.dim_per_head, self.kv_heads * self.dim_per_head
+        return {"q": (d, hd), "k": (d, kd), "v": (d, kd), "o": (hd, d), "up": (d, self.mlp_dim),
+                "down": (self.mlp_dim, d)}[name]
 
     # Presets --------------------------------------------------------------------------------
     @classmethod
@@ -291,6 +326,8 @@ _TRAIN_CHOICES = {
     ("optim", "name"): ("adamw", "sgd", "adafactor"),
     ("train", "objective"): ("clm", "mlm"),
     ("train", "dtype"): ("float32", "bfloat16"),
+    ("adapt", "method"): ("full", "lora"),
+    ("prune", "scope"): ("global", "layer"),
 }
 
 
@@ -339,6 +376,28 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class AdaptConfig:
+    """Fine-tuning from a pretrained model: which weights start from it and which are trained."""
+
+    init: str = ""  # start from this model (jaxlm model dir, training workdir, HF dir); "" = scratch
+    method: str = "full"  # full: every weight trains; lora: only low-rank adapters (base frozen)
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: str = "q,v"  # comma-separated block kernels: q, k, v, o, up, down
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneConfig:
+    """Magnitude pruning during training: masked block-kernel weights stay exactly zero."""
+
+    sparsity: float = 0.0  # final fraction of block-kernel weights set to zero; 0 = no pruning
+    scope: str = "global"  # global: one threshold over all kernels; layer: per kernel and layer
+    start: int = 0  # the step after which pruning begins
+    end: int = 0  # the step at which sparsity is reached (cubic schedule); <= start: all at once
+    every: int = 10  # steps between mask updates on the way
+
+
+@dataclasses.dataclass(frozen=True)
 class MeshConfig:
     data: int = -1  # -1: all remaining devices
     fsdp: int = 1
@@ -354,6 +413,8 @@ class Config:
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    adapt: AdaptConfig = dataclasses.field(default_factory=AdaptConfig)
+    prune: PruneConfig = dataclasses.field(default_factory=PruneConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -370,6 +431,8 @@ class Config:
             optim=_section(OptimConfig, "optim", d.get("optim", {})),
             train=_section(TrainConfig, "train", d.get("train", {})),
             mesh=_section(MeshConfig, "mesh", d.get("mesh", {})),
+            adapt=_section(AdaptConfig, "adapt", d.get("adapt", {})),
+            prune=_section(PruneConfig, "prune", d.get("prune", {})),
         )
 
 

@@ -38,32 +38,77 @@ def dropout(x, rate: float, key):
 
 
 class Dense(nnx.Module):
-    """y = einsum(spec, x, kernel) + bias, with a kernel of any rank (e.g. D -> H x Dh)."""
+    """y = einsum(spec, x, kernel) + bias, with a kernel of any rank (e.g. D -> H x Dh).
+
+    The kernel's contracted (fan-in) dims lead, its output (fan-out) dims follow. Optional forms
+    (see jaxlm/compress/): ``factor_rank`` stores the kernel as factors ``kernel_a`` [in..., r] @
+    ``kernel_b`` [r, out...]; ``quantize="int8"`` stores int8 ``kernel`` values with a float
+    ``scale`` per output channel (W = kernel * scale); ``lora_rank`` adds trainable ``lora_a``
+    [in, r] and ``lora_b`` [r, out] (nnx.LoRAParam) whose product, times lora_alpha / lora_rank,
+    is added to the kernel's output.
+    """
 
     def __init__(self, spec: str, kernel_shape, kernel_axes: Axes, *, use_bias: bool, std: float,
-                 dtype, rngs: nnx.Rngs):
+                 dtype, rngs: nnx.Rngs, lora_rank: int = 0, lora_alpha: float = 16.0,
+                 factor_rank: int = 0, quantize: str = "none"):
         self.spec = spec
         self.dtype = dtype
-        self.kernel = param(rngs.params(), tuple(kernel_shape), kernel_axes, std=std)
-        # The bias spans the kernel dims that survive into the output (e.g. H, Dh for D -> H x Dh).
         kernel_letters, out_letters = spec.split(",")[1].split("->")
+        self.n_in = n_in = sum(c not in out_letters for c in kernel_letters)  # contracted dims lead
+        shape, axes = tuple(kernel_shape), tuple(kernel_axes)
+        self.fan_in, self.fan_out = math.prod(shape[:n_in]), math.prod(shape[n_in:])
+        self.factored = factor_rank > 0
+        self.quantized = quantize == "int8"
+        if self.factored:
+            self.kernel_a = param(rngs.params(), (*shape[:n_in], factor_rank), (*axes[:n_in], None), std=std)
+            self.kernel_b = param(rngs.params(), (factor_rank, *shape[n_in:]), (None, *axes[n_in:]), std=std)
+        elif self.quantized:
+            self.kernel = nnx.Param(jnp.zeros(shape, jnp.int8), out_sharding=axes, eager_sharding=False)
+            self.scale = param(None, shape[n_in:], axes[n_in:], "ones")
+        else:
+            self.kernel = param(rngs.params(), shape, axes, std=std)
+        # The bias spans the kernel dims that survive into the output (e.g. H, Dh for D -> H x Dh).
         keep = [i for i, c in enumerate(kernel_letters) if c in out_letters]
-        self.bias = (param(None, tuple(kernel_shape[i] for i in keep),
-                           tuple(kernel_axes[i] for i in keep), "zeros") if use_bias else None)
+        self.bias = (param(None, tuple(shape[i] for i in keep), tuple(axes[i] for i in keep), "zeros")
+                     if use_bias else None)
+        self.lora_scale = lora_alpha / lora_rank if lora_rank else 0.0
+        if lora_rank:  # A random, B zero: the adapted model starts equal to the base
+            a = jax.random.normal(rngs.params(), (self.fan_in, lora_rank), jnp.float32) / math.sqrt(self.fan_in)
+            self.lora_a = nnx.LoRAParam(a, out_sharding=(None, None), eager_sharding=False)
+            self.lora_b = nnx.LoRAParam(jnp.zeros((lora_rank, self.fan_out), jnp.float32),
+                                        out_sharding=(None, None), eager_sharding=False)
 
     def __call__(self, x):
-        x, kernel = x.astype(self.dtype), self.kernel[...].astype(self.dtype)
+        x = x.astype(self.dtype)
         x_letters, rest = self.spec.split(",")
         k_letters, out_letters = rest.split("->")
-        n_in = sum(c not in out_letters for c in k_letters)  # contracted dims lead the kernel
-        if x_letters[-n_in:] == k_letters[:n_in] and out_letters == x_letters[:-n_in] + k_letters[n_in:]:
+        n_in = self.n_in
+        plain = x_letters[-n_in:] == k_letters[:n_in] and out_letters == x_letters[:-n_in] + k_letters[n_in:]
+        if plain:
             # A plain 2-D matmul over reshaped (bitcast) operands: XLA:CPU lays out multi-axis
             # einsums with extra transposes and copies, most of all in the backward pass.
-            lead, k_out = x.shape[:-n_in], kernel.shape[n_in:]
-            y = x.reshape(-1, math.prod(kernel.shape[:n_in])) @ kernel.reshape(-1, math.prod(k_out))
-            y = y.reshape(*lead, *k_out)
+            lead = x.shape[:-n_in]
+            x2 = x.reshape(-1, self.fan_in)
+            if self.factored:
+                a = self.kernel_a[...].astype(self.dtype)
+                y = (x2 @ a.reshape(self.fan_in, -1)) @ self.kernel_b[...].astype(self.dtype).reshape(-1, self.fan_out)
+                out_shape = self.kernel_b.shape[1:]
+            elif self.quantized:  # (x @ q) * s == x @ (q * s) for one scale per output channel
+                q = self.kernel[...]
+                y = (x2 @ q.reshape(self.fan_in, self.fan_out).astype(self.dtype)) * \
+                    self.scale[...].reshape(self.fan_out).astype(self.dtype)
+                out_shape = q.shape[n_in:]
+            else:
+                kernel = self.kernel[...].astype(self.dtype)
+                y = x2 @ kernel.reshape(self.fan_in, self.fan_out)
+                out_shape = kernel.shape[n_in:]
+            if self.lora_scale:
+                y = y + self.lora_scale * ((x2 @ self.lora_a[...].astype(self.dtype)) @ self.lora_b[...].astype(self.dtype))
+            y = y.reshape(*lead, *out_shape)
         else:
-            y = jnp.einsum(self.spec, x, kernel)
+            if self.factored or self.quantized or self.lora_scale:
+                raise NotImplementedError(f"factored / int8 / LoRA kernels need a plain matmul spec, not {self.spec}")
+            y = jnp.einsum(self.spec, x, self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
@@ -91,19 +136,34 @@ class Norm(nnx.Module):
 
 
 class Embed(nnx.Module):
-    """Lookup table [N, D]; ``attend`` gives the tied output projection [..., D] -> [..., N]."""
+    """Lookup table [N, D]; ``attend`` gives the tied output projection [..., D] -> [..., N].
 
-    def __init__(self, num: int, dim: int, axes: Axes, *, std: float, dtype, rngs: nnx.Rngs):
+    ``quantize="int8"``: int8 rows with one float scale per row (per output channel of ``attend``).
+    """
+
+    def __init__(self, num: int, dim: int, axes: Axes, *, std: float, dtype, rngs: nnx.Rngs,
+                 quantize: str = "none"):
         self.dtype = dtype
-        self.embedding = param(rngs.params(), (num, dim), axes, std=std)
+        self.quantized = quantize == "int8"
+        if self.quantized:
+            self.embedding = nnx.Param(jnp.zeros((num, dim), jnp.int8), out_sharding=axes, eager_sharding=False)
+            self.scale = param(None, (num,), axes[:1], "ones")
+        else:
+            self.embedding = param(rngs.params(), (num, dim), axes, std=std)
 
     def __call__(self, ids):
-        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+        rows = jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+        if self.quantized:
+            rows = rows * jnp.take(self.scale[...], ids, axis=0)[..., None].astype(self.dtype)
+        return rows
 
     def attend(self, x):
         # As a 2-D matmul: the einsum form made XLA:CPU transpose the [B*T, V] logit gradient.
         e = self.embedding[...].astype(self.dtype)
-        return (x.astype(self.dtype).reshape(-1, e.shape[1]) @ e.T).reshape(*x.shape[:-1], e.shape[0])
+        y = (x.astype(self.dtype).reshape(-1, e.shape[1]) @ e.T)
+        if self.quantized:
+            y = y * self.scale[...].astype(self.dtype)
+        return y.reshape(*x.shape[:-1], e.shape[0])
 
 
 ACTIVATIONS = {
@@ -118,16 +178,28 @@ class MLP(nnx.Module):
     """Position-wise feed-forward: down(act(up(x))), D -> F -> D."""
 
     def __init__(self, d: int, f: int, activation: str, *, use_bias: bool, std: float, dtype,
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs, options=None):
         self.act = ACTIVATIONS[activation]
+        options = options or (lambda name: {})
         self.up = Dense("btd,df->btf", (d, f), ("embed", "mlp"), use_bias=use_bias, std=std,
-                        dtype=dtype, rngs=rngs)
+                        dtype=dtype, rngs=rngs, **options("up"))
         self.down = Dense("btf,fd->btd", (f, d), ("mlp", "embed"), use_bias=use_bias, std=std,
-                          dtype=dtype, rngs=rngs)
+                          dtype=dtype, rngs=rngs, **options("down"))
 
     def __call__(self, x, dropout_rate: float = 0.0, key=None):
         h = self.act(self.up(x))
         return dropout(self.down(h), dropout_rate, key)
+
+
+def dense_options(cfg, name: str | None = None) -> dict:
+    """Dense keyword arguments from the config's compression / adaptation fields for a kernel
+    (``name``: q, k, v, o, up, down for block kernels; None for heads)."""
+    out = {"quantize": cfg.quantize}
+    if name is not None and cfg.lora_rank and name in cfg.lora_targets:
+        out.update(lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha)
+    if name is not None and cfg.factor_rank and name in cfg.factor_targets:
+        out.update(factor_rank=cfg.factor_rank)
+    return out
 
 
 def sinusoidal_positions(length: int, dim: int) -> jnp.ndarray:

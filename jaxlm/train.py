@@ -24,6 +24,9 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jaxlm.compress import tree
+from jaxlm.compress.lora import is_adapter
+from jaxlm.compress.prune import apply_masks
 from jaxlm.config import Config
 from jaxlm.optim import make_optimizer, schedule
 from jaxlm.sharding import (batch_sharding, check_batch_fits, check_model_fits, like_params, make_mesh,
@@ -93,13 +96,17 @@ def make_train_step(graphdef, tx, spec: StepSpec, lr_fn, *, dropout: bool = True
     ``state_sharding`` (a tree like the state) pins the output layout on a mesh.
     """
 
-    def loss_fn(params, rows, key):
-        k_drop, k_mask = jax.random.split(key)
-        s, n, c = loss_sums(nnx.merge(graphdef, params), rows, spec, key=k_drop if dropout else None,
-                            mask_key=k_mask)
-        return s, (n, c)
+    def step(state, batch, frozen=None, masks=None):
+        """``frozen``: parameters that take part in the model but are not trained (e.g. the base
+        under LoRA adapters); ``masks``: pruning masks, re-applied after every update."""
 
-    def step(state, batch):
+        def loss_fn(params, rows, key):
+            k_drop, k_mask = jax.random.split(key)
+            full = params if frozen is None else tree.merge(params, frozen)
+            s, n, c = loss_sums(nnx.merge(graphdef, full), rows, spec, key=k_drop if dropout else None,
+                                mask_key=k_mask)
+            return s, (n, c)
+
         params, opt_state, step = state["params"], state["opt_state"], state["step"]
         key = jax.random.fold_in(jax.random.key(spec.seed), step)
         micro = batch.reshape(spec.grad_accum, -1, batch.shape[-1])  # [M, B / M, T + 1]
@@ -121,6 +128,8 @@ def make_train_step(graphdef, tx, spec: StepSpec, lr_fn, *, dropout: bool = True
         grads = jax.tree.map(lambda x: x / n, g)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
+        if masks is not None:
+            params = apply_masks(params, masks)
         metrics = {"loss": l / n, "accuracy": c / n, "grad_norm": optax.global_norm(grads), "lr": lr_fn(step)}
         return {"params": params, "opt_state": opt_state, "step": step + 1}, metrics
 
@@ -200,12 +209,80 @@ def _rows(cfg: Config, split: str, tokenizer, tok_tag: str, log):
     return PackedRows(stream, cfg.data.seq_len)
 
 
+def _base_model(cfg: Config, log):
+    """The model named by adapt.init, its config adjusted for this run (runtime fields, dropout,
+    LoRA adapters), params in the run's layout; None when training from scratch."""
+    if not cfg.adapt.init:
+        if cfg.adapt.method != "full":
+            raise ValueError(f"adapt.method={cfg.adapt.method} needs a pretrained model: set adapt.init=PATH")
+        return None
+    from jaxlm.api import load
+
+    base = load(cfg.adapt.init, scan_layers=cfg.model.scan_layers)
+    config = base.config.replace(**{f: getattr(cfg.model, f) for f in (
+        "dropout", "attention_dropout", "scan_layers", "remat", "attention_impl")})
+    if cfg.adapt.method == "lora":
+        if config.lora_rank:
+            raise ValueError(f"{cfg.adapt.init} has LoRA adapters already; export it merged first (jaxlm export)")
+        config = config.replace(lora_rank=cfg.adapt.lora_rank, lora_alpha=cfg.adapt.lora_alpha,
+                                lora_targets=cfg.adapt.lora_targets)
+    if cfg.prune.sparsity and cfg.adapt.method != "full":
+        raise ValueError("prune.sparsity needs adapt.method=full (the pruned weights must be trainable)")
+    base.config = config
+    log(f"starting from {cfg.adapt.init} ({config.name}, {cfg.adapt.method} fine-tuning)")
+    return base
+
+
+class _Pruner:
+    """Magnitude masks on the schedule of ``prune.*``; recomputed from the current weights each
+    time the scheduled sparsity changes (and on resume, where the zeros give the same masks)."""
+
+    def __init__(self, pc, log):
+        from jaxlm.compress.prune import check_sparsity
+
+        check_sparsity(pc.sparsity)
+        self.pc, self.log = pc, log
+
+    def level(self, step: int) -> float:
+        from jaxlm.compress.prune import sparsity_at
+
+        pc = self.pc
+        if step < pc.start:
+            return 0.0
+        if pc.end <= pc.start:
+            return pc.sparsity
+        last = pc.start + ((min(step, pc.end) - pc.start) // pc.every) * pc.every
+        return sparsity_at(pc.end if step >= pc.end else last, final=pc.sparsity, start=pc.start, end=pc.end)
+
+    def changes_at(self, step: int) -> bool:
+        return step >= self.pc.start and self.level(step) != self.level(step - 1)
+
+    def masks_for(self, step: int, state):
+        from jaxlm.compress.prune import magnitude_masks
+
+        level = self.level(step)
+        if level == 0:
+            return None
+        masks = magnitude_masks(state["params"], level, scope=self.pc.scope)
+        masks = jax.tree.map(lambda m, p: jax.device_put(m, p.sharding), masks,
+                             _like(masks, state["params"]))
+        state["params"] = apply_masks(state["params"], masks)
+        self.log(f"step {step}: pruned to sparsity {level:.3f}")
+        return masks
+
+
+def _like(masks, params):
+    """The leaves of ``params`` at the paths of ``masks``."""
+    return {k: _like(v, params[k]) if isinstance(v, dict) else params[k] for k, v in masks.items()}
+
+
 def _check_compatible(saved: dict, cfg: Config, workdir) -> None:
     from jaxlm.config import ModelConfig
 
     old = ModelConfig.from_dict(saved["model"])
     shape = ("arch", "vocab_size", "max_len", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
              "d_ff", "norm", "positions", "type_vocab_size", "use_bias", "tie_embeddings", "head", "pooler",
+             "lora_rank", "lora_targets", "factor_rank", "factor_targets", "quantize",
              "scan_layers")  # the last: the layout of the saved params and optimizer state
     for f in shape:
         if getattr(old, f) != getattr(cfg.model, f):
@@ -244,7 +321,11 @@ def train(cfg: Config, *, log=None) -> dict:
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     t_start = time.perf_counter()
     workdir = Path(cfg.train.workdir)
-    tokenizer, tok_tag = _tokenizer(cfg.data)
+    base = _base_model(cfg, log)  # adapt.init: the pretrained model to start from (else None)
+    if base is not None:
+        cfg = dataclasses.replace(cfg, model=base.config)
+    tokenizer, tok_tag = _tokenizer(cfg.data) if base is None or base.tokenizer is None else \
+        (base.tokenizer, tokenizer_tag(base.tokenizer))
     # The tokenizer the model is trained with decides its special ids (generation stops at its EOS).
     cfg = dataclasses.replace(cfg, model=cfg.model.replace(
         eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id,
@@ -283,6 +364,14 @@ def train(cfg: Config, *, log=None) -> dict:
     init = jax.jit(lambda: nnx.to_pure_dict(nnx.state(build_model(model_cfg, cfg.train.seed), nnx.Param)),
                    out_shardings=p_sharding)
     params = init()
+    if base is not None:  # pretrained weights replace the fresh ones (new adapters stay as initialised)
+        params = jax.device_put(tree.merge(params, base.params), p_sharding)
+        del base
+    # Trainable and frozen parameters: the optimizer and the checkpoints hold the trainable ones.
+    trainable = (lambda path: is_adapter(path)) if cfg.adapt.method == "lora" else (lambda path: True)
+    params, frozen = tree.split(params, trainable)
+    p_sharding, _ = tree.split(p_sharding, trainable)
+    frozen = frozen or None
     o_sharding = like_params(jax.eval_shape(tx.init, params), p_sharding, mesh)
     opt_state = jax.jit(tx.init, out_shardings=o_sharding)(params)
     rows_sharding = batch_sharding(mesh)
@@ -316,6 +405,11 @@ def train(cfg: Config, *, log=None) -> dict:
                                  state_sharding={"params": p_sharding, "opt_state": o_sharding, "step": replicated})
     eval_step = make_eval_step(graphdef, spec)
     state = {"params": params, "opt_state": opt_state, "step": jax.device_put(jnp.int32(start), replicated)}
+    pruner = _Pruner(cfg.prune, log) if cfg.prune.sparsity else None
+    masks = pruner.masks_for(start, state) if pruner else None
+
+    def full_params(params):
+        return params if frozen is None else tree.merge(params, frozen)
 
     def evaluate(params):
         val = loader(val_rows, batch_size=cfg.data.batch_size, seed=0, shuffle=False, process_index=pi,
@@ -357,11 +451,13 @@ def train(cfg: Config, *, log=None) -> dict:
 
     try:
         if start == 0 and cfg.train.eval_every:
-            write({"step": 0, **evaluate(state["params"])})
+            write({"step": 0, **evaluate(full_params(state["params"]))})
         kill_at = int(os.environ.get("JAXLM_TEST_KILL_AFTER_SAVE", "0"))  # fault injection for tests
         for step in range(start + 1, cfg.train.steps + 1):
             batch = jax.make_array_from_process_local_data(rows_sharding, np.asarray(next(it)))
-            state, metrics = train_step(state, batch)
+            if pruner is not None and pruner.changes_at(step - 1):
+                masks = pruner.masks_for(step - 1, state)
+            state, metrics = train_step(state, batch, frozen, masks)
             if pending is not None:
                 last = drain(pending)
             pending = (step, metrics)
@@ -378,7 +474,7 @@ def train(cfg: Config, *, log=None) -> dict:
                 if pending is not None:
                     last = drain(pending)
                     pending = None
-                ev = evaluate(state["params"])
+                ev = evaluate(full_params(state["params"]))
                 write({"step": step, **ev})
                 log(f"step {step}: val_loss {ev['val_loss']:.4f}")
                 last.update(ev)

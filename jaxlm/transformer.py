@@ -15,7 +15,8 @@ from flax import nnx
 
 from jaxlm.attention import Attention, make_mask
 from jaxlm.config import ModelConfig
-from jaxlm.layers import ACTIVATIONS, MLP, Dense, Embed, Norm, dropout, param, sinusoidal_positions
+from jaxlm.layers import (ACTIVATIONS, MLP, Dense, Embed, Norm, dense_options, dropout, param,
+                          sinusoidal_positions)
 
 
 def _split(key, n):
@@ -32,7 +33,8 @@ class Block(nnx.Module):
         self.attn = Attention(cfg, rngs=rngs)
         self.mlp_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps)
         self.mlp = MLP(cfg.d_model, cfg.mlp_dim, cfg.activation, use_bias=cfg.use_bias,
-                       std=cfg.init_std, dtype=jnp.dtype(cfg.dtype), rngs=rngs)
+                       std=cfg.init_std, dtype=jnp.dtype(cfg.dtype), rngs=rngs,
+                       options=lambda name: dense_options(cfg, name))
 
     def __call__(self, x, mask, positions, *, kv_cache=None, cache_index=None, key=None):
         """Returns (x, kv_cache): this layer's cache with the new tokens written (None without one)."""
@@ -159,12 +161,13 @@ class Embeddings(nnx.Module):
         self.max_len = cfg.max_len
         self.d_model = cfg.d_model
         self.dropout = cfg.dropout
+        q = cfg.quantize
         self.tokens = Embed(cfg.vocab_size, cfg.d_model, ("vocab", "embed"), std=cfg.init_std,
-                            dtype=dtype, rngs=rngs)
+                            dtype=dtype, rngs=rngs, quantize=q)
         self.positions = (Embed(cfg.max_len, cfg.d_model, (None, "embed"), std=cfg.init_std,
-                                dtype=dtype, rngs=rngs) if cfg.positions == "learned" else None)
+                                dtype=dtype, rngs=rngs, quantize=q) if cfg.positions == "learned" else None)
         self.types = (Embed(cfg.type_vocab_size, cfg.d_model, (None, "embed"), std=cfg.init_std,
-                            dtype=dtype, rngs=rngs) if cfg.type_vocab_size else None)
+                            dtype=dtype, rngs=rngs, quantize=q) if cfg.type_vocab_size else None)
         self.norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps) if cfg.embed_norm else None
 
     def __call__(self, ids, positions, token_type_ids=None, key=None):
@@ -215,7 +218,8 @@ class Decoder(Transformer):
         super().__init__(cfg, rngs=rngs)
         self.lm_head = (None if cfg.tie_embeddings else
                         Dense("btd,dv->btv", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
-                              use_bias=False, std=cfg.init_std, dtype=jnp.dtype(cfg.dtype), rngs=rngs))
+                              use_bias=False, std=cfg.init_std, dtype=jnp.dtype(cfg.dtype), rngs=rngs,
+                              quantize=cfg.quantize))
 
     def head(self, h):
         """Next-token logits [B, T, V] in float32."""
@@ -247,11 +251,11 @@ class MLMHead(nnx.Module):
         dtype = jnp.dtype(cfg.dtype)
         self.act = ACTIVATIONS[cfg.activation]
         self.transform = Dense("btd,de->bte", (cfg.d_model, cfg.d_model), ("embed", "mlp"),
-                               use_bias=True, std=cfg.init_std, dtype=dtype, rngs=rngs)
+                               use_bias=True, std=cfg.init_std, dtype=dtype, rngs=rngs, quantize=cfg.quantize)
         self.norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps)
         self.decoder = (None if cfg.tie_embeddings else
                         Dense("btd,dv->btv", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
-                              use_bias=False, std=cfg.init_std, dtype=dtype, rngs=rngs))
+                              use_bias=False, std=cfg.init_std, dtype=dtype, rngs=rngs, quantize=cfg.quantize))
         self.bias = param(None, (cfg.vocab_size,), ("vocab",), "zeros")
 
     def __call__(self, h, tokens: Embed):
@@ -265,7 +269,7 @@ class Encoder(Transformer):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         super().__init__(cfg, rngs=rngs)
-        dense = dict(use_bias=True, std=cfg.init_std, dtype=jnp.dtype(cfg.dtype), rngs=rngs)
+        dense = dict(use_bias=True, std=cfg.init_std, dtype=jnp.dtype(cfg.dtype), rngs=rngs, quantize=cfg.quantize)
         self.head_kind = cfg.head
         self.dropout = cfg.dropout
         self.pooler = Dense("bd,de->be", (cfg.d_model, cfg.d_model), ("embed", "mlp"), **dense) if cfg.pooler else None

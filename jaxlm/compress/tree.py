@@ -1,0 +1,75 @@
+"""Small helpers over nested parameter dicts (the pure-dict form of an NNX state)."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+
+def walk(tree: dict, path=()):
+    """Yield (path, node) for every dict node, parents first."""
+    yield path, tree
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from walk(v, path + (k,))
+
+
+def copy_dicts(tree: dict) -> dict:
+    """A copy of the dict structure (leaves shared), safe to modify node by node."""
+    return {k: copy_dicts(v) if isinstance(v, dict) else v for k, v in tree.items()}
+
+
+def get(tree: dict, path):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def merge(a: dict, b: dict) -> dict:
+    """Union of two trees with disjoint leaves (e.g. trainable and frozen parameters)."""
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def split(tree: dict, keep, path=()) -> tuple[dict, dict]:
+    """(leaves where keep(path) is True, the others), both as trees without empty dicts."""
+    yes, no = {}, {}
+    for k, v in tree.items():
+        p = path + (k,)
+        if isinstance(v, dict):
+            y, n = split(v, keep, p)
+            if y:
+                yes[k] = y
+            if n:
+                no[k] = n
+        elif keep(p):
+            yes[k] = v
+        else:
+            no[k] = v
+    return yes, no
+
+
+def count_params(params) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+def nbytes(params) -> int:
+    return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(params)))
+
+
+def block_kernels(tree: dict):
+    """(path, node) of each Dense node of the blocks (q, k, v, o, up, down), either layout."""
+    from jaxlm.config import BLOCK_KERNELS
+
+    for path, node in walk(tree):
+        if path and path[-1] in BLOCK_KERNELS and "layers" in path and (
+                "kernel" in node or "kernel_a" in node):
+            yield path, node
+
+
+def stacked(node_kernel, path) -> bool:
+    """Whether a block kernel carries a leading layers axis (scan layout)."""
+    i = path.index("blocks")
+    return not isinstance(path[i + 1], int)

@@ -1,0 +1,187 @@
+"""Adaptation and compression: LoRA, int8 quantization, low-rank factors, pruning."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxlm
+from jaxlm import ModelConfig, build_model
+from jaxlm.api import LM
+from jaxlm.compress import tree
+from jaxlm.compress.lora import is_adapter, merge_lora
+from jaxlm.compress.lowrank import factorize
+from jaxlm.compress.prune import apply_masks, magnitude_masks, measured_sparsity, sparsity_at
+from jaxlm.compress.quantize import dequantize_array, quantize_int8
+from jaxlm.config import load_config
+
+SMALL = dict(vocab_size=96, max_len=32, d_model=32, n_layers=2, n_heads=4, init_std=0.2)
+IDS = np.random.RandomState(0).randint(0, 96, (2, 12))
+
+
+def _params(cfg):
+    return nnx.to_pure_dict(nnx.state(build_model(cfg), nnx.Param))
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_lora_merged_equals_unmerged(scan):
+    cfg = ModelConfig.preset("gpt2-tiny", **SMALL, scan_layers=scan, lora_rank=4, lora_targets=("q", "v", "o", "down"))
+    params = _params(cfg)
+    # Trained adapters are not zero: move B away from its zero init.
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, x: x + 0.1 if jax.tree_util.keystr(p).endswith("['lora_b']") else x, params)
+    unmerged = LM(cfg, params).logits(IDS)
+    merged_cfg, merged = merge_lora(cfg, params)
+    assert merged_cfg.lora_rank == 0 and not any(is_adapter(p) for p, _ in tree.walk(merged))
+    base = LM(cfg.replace(lora_rank=0), tree.split(params, is_adapter)[1]).logits(IDS)
+    assert float(jnp.abs(unmerged - base).max()) > 1e-2  # the adapters matter
+    np.testing.assert_allclose(np.asarray(LM(merged_cfg, merged).logits(IDS)), np.asarray(unmerged), atol=1e-5)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_int8_error_bounded_by_half_a_step(scan):
+    cfg = ModelConfig.preset("gpt2-tiny", **SMALL, scan_layers=scan)
+    params = _params(cfg)
+    qcfg, q = quantize_int8(cfg, params)
+    checked = 0
+    for path, node in tree.walk(q):
+        for name in ("kernel", "embedding"):
+            if name in node and node[name].dtype == jnp.int8:
+                w = np.asarray(tree.get(params, path)[name])
+                s = np.asarray(node["scale"])
+                lead = 1 if scan and "blocks" in path else 0  # the layers axis
+                # a kernel's scale spans its output dims: reduce over the fan-in dims after `lead`
+                axes = (w.ndim - 1,) if name == "embedding" else tuple(range(lead, w.ndim - s.ndim + lead))
+                back = dequantize_array(node[name], s, axes)
+                assert np.all(np.abs(back - w) <= np.expand_dims(s, axes) / 2 + 1e-7)
+                assert np.abs(np.asarray(node[name])).max() == 127  # a channel's largest weight -> 127
+                checked += 1
+    assert checked == (6 if scan else 12) + 2  # every block kernel, the token and position tables
+    ref = LM(cfg, params).logits(IDS)
+    got = LM(qcfg, q).logits(IDS)
+    assert float(jnp.abs(got - ref).max()) < 0.05 * float(jnp.abs(ref).max())
+
+
+def test_lowrank_full_rank_reproduces_and_energy_picks_rank():
+    cfg = ModelConfig.preset("gpt2-tiny", **SMALL)
+    params = _params(cfg)
+    ref = LM(cfg, params).logits(IDS)
+    full_cfg, full = factorize(cfg, params, targets="q,k,v,o,up,down", rank=32)
+    np.testing.assert_allclose(np.asarray(LM(full_cfg, full).logits(IDS)), np.asarray(ref), atol=1e-4)
+    small_cfg, small = factorize(cfg, params, targets="up,down", rank=8)
+    assert small["layers"]["blocks"]["mlp"]["up"]["kernel_a"].shape == (2, 32, 8)
+    assert tree.count_params(small) < tree.count_params(params)
+    # energy: the smallest rank whose singular values keep that share of every kernel's energy
+    e_cfg, _ = factorize(cfg, params, targets="up", energy=0.5)
+    w = np.asarray(params["layers"]["blocks"]["mlp"]["up"]["kernel"])
+    s = np.linalg.svd(w, compute_uv=False)
+    need = max(int(np.argmax(np.cumsum(x ** 2) / np.sum(x ** 2) >= 0.5)) + 1 for x in s)
+    assert e_cfg.factor_rank == need
+
+
+def test_magnitude_pruning_is_exact():
+    cfg = ModelConfig.preset("gpt2-tiny", **SMALL)
+    params = _params(cfg)
+    pruned = apply_masks(params, magnitude_masks(params, 0.5))
+    assert measured_sparsity(pruned) == 0.5
+    kept = [np.abs(np.asarray(n["kernel"]))[np.asarray(tree.get(pruned, p)["kernel"]) != 0].min()
+            for p, n in tree.block_kernels(params)]
+    dropped = [np.abs(np.asarray(n["kernel"]))[np.asarray(tree.get(pruned, p)["kernel"]) == 0].max()
+               for p, n in tree.block_kernels(params)]
+    assert max(dropped) <= min(kept)  # global: one threshold over all kernels
+    per_layer = apply_masks(params, magnitude_masks(params, 0.3, scope="layer"))
+    for p, n in tree.block_kernels(per_layer):
+        w = np.asarray(n["kernel"])
+        for layer in w:
+            assert abs(np.mean(layer == 0) - 0.3) < 1 / layer.size + 1e-9
+    assert sparsity_at(0, final=0.8, start=0, end=10) == 0.0
+    assert sparsity_at(10, final=0.8, start=0, end=10) == pytest.approx(0.8)
+    assert sparsity_at(5, final=0.8, start=0, end=10) == pytest.approx(0.8 * (1 - 0.5 ** 3))
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(lora_rank=4, lora_targets="q,qq"), "lora target 'qq' matches no kernel; the kernels of a block are q, k, v, o, up, down"),
+    (dict(factor_rank=64, factor_targets="up"), "factor rank 64 is larger than kernel 'up' allows: it is 32 x 128, so the rank is at most 32"),
+])
+def test_bad_targets_and_ranks(kw, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.preset("gpt2-tiny", **SMALL, **kw)
+
+
+def test_bad_sparsity():
+    params = _params(ModelConfig.preset("gpt2-tiny", **SMALL))
+    for s in (1.0, -0.1):
+        with pytest.raises(ValueError, match=rf"sparsity={s} must be in \[0, 1\)"):
+            magnitude_masks(params, s)
+
+
+# Through training ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+    """A tiny GPT trained for a few steps on a slice of the default corpus: the model to adapt."""
+    import shutil
+
+    from jaxlm.data import stdlib_dir
+    from jaxlm.train import train
+
+    root = tmp_path_factory.mktemp("compress")
+    (root / "text").mkdir()
+    for f in sorted(stdlib_dir().glob("*.py"))[:30]:
+        shutil.copy(f, root / "text" / f.name)
+    args = ["model.vocab_size=259", "model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.max_len=64",
+            "model.dropout=0", "model.attention_dropout=0", "model.scan_layers=false", "data.seq_len=32",
+            "data.batch_size=8", f"data.path={root / 'text'}", f"data.data_dir={root / 'cache'}",
+            "train.eval_every=0", "optim.lr=1e-2"]
+    train(load_config(None, [*args, "train.steps=6", f"train.workdir={root / 'base'}"]), log=lambda m: None)
+    return root, args
+
+
+def test_lora_training_changes_only_adapters(base_run, tmp_path):
+    from jaxlm.train import train
+
+    root, args = base_run
+    work = tmp_path / "lora"
+    train(load_config(None, [*args, "train.steps=4", f"train.workdir={work}", f"adapt.init={root / 'base'}",
+                             "adapt.method=lora", "adapt.lora_rank=4", "adapt.lora_targets=q,v,up"]), log=lambda m: None)
+    saved = json.loads((work / "config.json").read_text())
+    assert saved["model"]["lora_rank"] == 4 and saved["model"]["lora_targets"] == ["q", "v", "up"]
+    # The checkpoint holds the adapters only; the base comes from adapt.init.
+    ckpt = sorted((work / "checkpoints").iterdir())[-1] / "params"
+    base, lora = jaxlm.load(root / "base"), jaxlm.load(work)
+    adapters, frozen = tree.split(lora.params, is_adapter)
+    assert tree.count_params(adapters) == 2 * (2 * 4 * (32 + 32) + 4 * (32 + 128))  # 2 layers x (q, v, up)
+    assert ckpt.is_dir()
+    for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(base.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # bit-identical base
+    assert all(float(jnp.abs(x).max()) > 0 for p, x in jax.tree_util.tree_leaves_with_path(adapters)
+               if jax.tree_util.keystr(p).endswith("['lora_b']"))  # B left zero: trained
+    assert float(jnp.abs(lora.logits(IDS) - base.logits(IDS)).max()) > 1e-4
+    # Exported (merged) == adapters applied on the fly.
+    merged_cfg, merged = merge_lora(lora.config, lora.params)
+    np.testing.assert_allclose(np.asarray(LM(merged_cfg, merged).logits(IDS)), np.asarray(lora.logits(IDS)), atol=1e-5)
+
+
+def test_pruned_weights_stay_zero_while_fine_tuning(base_run, tmp_path):
+    from jaxlm.checkpoint import TrainCheckpoints
+    from jaxlm.train import train
+
+    root, args = base_run
+    work = tmp_path / "pruned"
+    train(load_config(None, [*args, "train.steps=6", "train.save_every=2", "train.keep=5", f"train.workdir={work}",
+                             f"adapt.init={root / 'base'}", "prune.sparsity=0.6", "prune.start=0", "prune.end=4",
+                             "prune.every=2"]), log=lambda m: None)
+    first = None
+    ckpts = TrainCheckpoints(work, keep=5)
+    layout = nnx.to_pure_dict(nnx.state(jaxlm.transformer.abstract_model(jaxlm.load(work).config), nnx.Param))
+    for step in (2, 4, 6):
+        p = ckpts.restore_params(step, layout)
+        zero = {path: np.asarray(n["kernel"]) == 0 for path, n in tree.block_kernels(p)}
+        if first is not None:
+            assert all(np.all(zero[k][first[k]]) for k in first)  # once pruned, always zero
+        first = zero
+    ckpts.close()
+    assert measured_sparsity(jaxlm.load(work).params) == pytest.approx(0.6, abs=1e-3)

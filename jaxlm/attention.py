@@ -71,13 +71,14 @@ class Attention(nnx.Module):
         self.attention_dropout = cfg.attention_dropout
         self.dropout = cfg.dropout
 
-    def __call__(self, x, mask, positions, *, kv_cache=None, cache_index=None, key=None):
+    def __call__(self, x, mask, positions, *, kv_cache=None, cache_index=None, key=None, need_probs=False):
         """x: [B, T, D]; mask: [B, 1, T, S]; positions: [B, T].
 
         With ``kv_cache`` (this layer's (k, v), each [B, S, K, Dh]) the new keys/values are written
         at ``cache_index`` and attention runs over the whole cache. Returns (y [B, T, D], kv_cache)
         with the updated cache (None without one). Writing before reading lets XLA update the
-        buffer in place.
+        buffer in place. ``need_probs``: also return the attention probabilities [B, H, T, S]
+        (computed by the einsum path).
         """
         q, k, v = self.q(x), self.k(x), self.v(x)
         if self.rope_theta is not None:
@@ -89,6 +90,10 @@ class Attention(nnx.Module):
             v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, cache_index, 0, 0))
             kv_cache = (k, v)
         k_attn, k_drop = (None, None) if key is None else jax.random.split(key)
+        if need_probs:
+            out, probs = einsum_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask,
+                                          dropout_rate=self.attention_dropout, key=k_attn)
+            return dropout(self.o(out), self.dropout, k_drop), kv_cache, probs
         out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, impl=self.impl,
                                     dropout_rate=self.attention_dropout, key=k_attn)
         return dropout(self.o(out), self.dropout, k_drop), kv_cache

@@ -324,7 +324,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 _TRAIN_CHOICES = {
     ("data", "unit"): ("file", "line"),
     ("optim", "name"): ("adamw", "sgd", "adafactor"),
-    ("train", "objective"): ("clm", "mlm"),
+    ("train", "objective"): ("clm", "mlm", "distill"),
     ("train", "dtype"): ("float32", "bfloat16"),
     ("adapt", "method"): ("full", "lora"),
     ("prune", "scope"): ("global", "layer"),
@@ -398,6 +398,17 @@ class PruneConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    """train.objective=distill: learn from a teacher model's outputs (see jaxlm/compress/distill.py)."""
+
+    teacher: str = ""  # any model jaxlm.load accepts, with the student's vocabulary
+    temperature: float = 2.0
+    alpha: float = 0.5  # weight of the soft-target (KL) loss; 1 - alpha goes to the true tokens
+    attention_weight: float = 0.0  # weight of the attention-map MSE; 0 = off
+    layer_map: str = ""  # "s:t,..." student -> teacher layers for attention maps; "" = evenly spaced
+
+
+@dataclasses.dataclass(frozen=True)
 class MeshConfig:
     data: int = -1  # -1: all remaining devices
     fsdp: int = 1
@@ -415,6 +426,7 @@ class Config:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     adapt: AdaptConfig = dataclasses.field(default_factory=AdaptConfig)
     prune: PruneConfig = dataclasses.field(default_factory=PruneConfig)
+    distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -433,6 +445,7 @@ class Config:
             mesh=_section(MeshConfig, "mesh", d.get("mesh", {})),
             adapt=_section(AdaptConfig, "adapt", d.get("adapt", {})),
             prune=_section(PruneConfig, "prune", d.get("prune", {})),
+            distill=_section(DistillConfig, "distill", d.get("distill", {})),
         )
 
 

@@ -65,14 +65,22 @@ class StepSpec:
     mask_id: int | None = None
     special_ids: tuple = ()
     mlm_prob: float = 0.15
+    # objective=distill (see jaxlm/compress/distill.py)
+    temperature: float = 2.0
+    alpha: float = 0.5
+    attention_weight: float = 0.0
+    layer_pairs: tuple = ()
 
 
-def loss_sums(model, rows, spec: StepSpec, *, key=None, mask_key=None):
-    """(sum of token NLL, number of scored tokens, number predicted right) for rows [B, T + 1].
+def loss_sums(model, rows, spec: StepSpec, *, key=None, mask_key=None, teacher=None):
+    """(sum of token losses, number of scored tokens, number predicted right) for rows [B, T + 1].
 
-    ``key`` turns dropout on; ``mask_key`` draws the MLM masks.
+    ``key`` turns dropout on; ``mask_key`` draws the MLM masks. The token loss is the NLL of the
+    true token, or with ``teacher`` (a model, objective=distill) the distillation loss; the
+    attention term is added as its mean times the number of scored tokens.
     """
-    if spec.objective == "clm":
+    causal = spec.objective == "clm" or (spec.objective == "distill" and model.config.causal)
+    if causal:
         inputs, targets = rows[:, :-1], rows[:, 1:]
         weights = jnp.ones(targets.shape, jnp.float32)
     else:
@@ -80,31 +88,48 @@ def loss_sums(model, rows, spec: StepSpec, *, key=None, mask_key=None):
         inputs, selected = mlm_inputs(targets, mask_key, vocab_size=model.config.vocab_size,
                                       mask_id=spec.mask_id, prob=spec.mlm_prob, special_ids=spec.special_ids)
         weights = selected.astype(jnp.float32)
-    logits = model(inputs, key=key)
-    # nll = logsumexp - target logit; "correct" compares with the row max (argmax is slow on CPU).
-    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    nll = jax.nn.logsumexp(logits, axis=-1) - target_logit
+    extra = 0.0
+    if teacher is None:
+        logits = model(inputs, key=key)
+        # nll = logsumexp - target logit (argmax is slow on CPU: "correct" compares with the max).
+        target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+        per_token = jax.nn.logsumexp(logits, axis=-1) - target_logit
+    else:
+        from jaxlm.compress import distill
+
+        maps_needed = spec.attention_weight > 0
+        h, *maps = model.hidden_states(inputs, key=key, need_probs=maps_needed)
+        logits = model.head(h)
+        t_h, *t_maps = teacher.hidden_states(inputs, need_probs=maps_needed)
+        per_token = distill.token_losses(logits, teacher.head(t_h), targets, temperature=spec.temperature,
+                                         alpha=spec.alpha)
+        target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+        if maps_needed:
+            extra = spec.attention_weight * distill.attention_mse(maps[0], t_maps[0], spec.layer_pairs) * weights.sum()
     correct = (target_logit >= jax.lax.stop_gradient(logits.max(-1))).astype(jnp.float32)
-    return (nll * weights).sum(), weights.sum(), (correct * weights).sum()
+    return (per_token * weights).sum() + extra, weights.sum(), (correct * weights).sum()
 
 
 # Steps ------------------------------------------------------------------------------------------
 
-def make_train_step(graphdef, tx, spec: StepSpec, lr_fn, *, dropout: bool = True, state_sharding=None):
+def make_train_step(graphdef, tx, spec: StepSpec, lr_fn, *, dropout: bool = True, state_sharding=None,
+                    teacher_graphdef=None):
     """``train_step(state, batch) -> (state, metrics)``; batch: [B, T + 1] int32; donated state.
 
     ``state_sharding`` (a tree like the state) pins the output layout on a mesh.
     """
 
-    def step(state, batch, frozen=None, masks=None):
+    def step(state, batch, frozen=None, masks=None, teacher_params=None):
         """``frozen``: parameters that take part in the model but are not trained (e.g. the base
-        under LoRA adapters); ``masks``: pruning masks, re-applied after every update."""
+        under LoRA adapters); ``masks``: pruning masks, re-applied after every update;
+        ``teacher_params``: the teacher's (objective=distill), never differentiated."""
+        teacher = None if teacher_params is None else nnx.merge(teacher_graphdef, teacher_params)
 
         def loss_fn(params, rows, key):
             k_drop, k_mask = jax.random.split(key)
             full = params if frozen is None else tree.merge(params, frozen)
             s, n, c = loss_sums(nnx.merge(graphdef, full), rows, spec, key=k_drop if dropout else None,
-                                mask_key=k_mask)
+                                mask_key=k_mask, teacher=teacher)
             return s, (n, c)
 
         params, opt_state, step = state["params"], state["opt_state"], state["step"]
@@ -233,6 +258,23 @@ def _base_model(cfg: Config, log):
     return base
 
 
+def _teacher(cfg: Config, mesh, log):
+    """(graphdef, params on the mesh, layer pairs) of distill.teacher, checked against the student."""
+    from jaxlm.api import load
+    from jaxlm.compress.distill import check_teacher, layer_pairs
+
+    if not cfg.distill.teacher:
+        raise ValueError("train.objective=distill needs distill.teacher=PATH (any model jaxlm.load accepts)")
+    lm = load(cfg.distill.teacher)
+    check_teacher(cfg.model, lm.config)
+    t_cfg = lm.config.replace(dtype=cfg.train.dtype)
+    check_model_fits(t_cfg, mesh)
+    pairs = layer_pairs(cfg.model.n_layers, t_cfg.n_layers, cfg.distill.layer_map)
+    log(f"distilling from {cfg.distill.teacher} ({t_cfg.n_layers} layers, d={t_cfg.d_model}): T="
+        f"{cfg.distill.temperature}, alpha={cfg.distill.alpha}, attention weight {cfg.distill.attention_weight}")
+    return (nnx.graphdef(abstract_model(t_cfg)), jax.device_put(lm.params, param_shardings(t_cfg, mesh)), pairs)
+
+
 class _Pruner:
     """Magnitude masks on the schedule of ``prune.*``; recomputed from the current weights each
     time the scheduled sparsity changes (and on resume, where the zeros give the same masks)."""
@@ -338,14 +380,16 @@ def train(cfg: Config, *, log=None) -> dict:
         raise ValueError(f"data.batch_size={cfg.data.batch_size} is not divisible by optim.grad_accum="
                          f"{cfg.optim.grad_accum}")
     mask_id = getattr(tokenizer, "mask_id", None)
-    if cfg.train.objective == "mlm" and mask_id is None:
-        raise ValueError("train.objective=mlm needs a tokenizer with a mask token")
+    if (cfg.train.objective == "mlm" or (cfg.train.objective == "distill" and not cfg.model.causal)) \
+            and mask_id is None:
+        raise ValueError(f"train.objective={cfg.train.objective} on an encoder needs a tokenizer with a mask token")
     specials = tuple(i for i in (tokenizer.eos_id, tokenizer.pad_id, getattr(tokenizer, "cls_id", None))
                      if i is not None)
     # Mesh and shape checks come first: a bad mesh fails in one line, before anything compiles.
     mesh = make_mesh(cfg.mesh)
     check_model_fits(cfg.model, mesh)
     check_batch_fits(cfg.data.batch_size, mesh, cfg.optim.grad_accum)
+    teacher = _teacher(cfg, mesh, log) if cfg.train.objective == "distill" else None
     if pc > 1:
         log(f"process {pi} of {pc}: {jax.local_device_count()} local devices, {jax.device_count()} in all; "
             f"mesh data={mesh.shape['data']} fsdp={mesh.shape['fsdp']} tensor={mesh.shape['tensor']}")
@@ -397,12 +441,16 @@ def train(cfg: Config, *, log=None) -> dict:
     if pi == 0:
         _truncate_metrics(metrics_path, start)
 
+    dc = cfg.distill
     spec = StepSpec(cfg.train.objective, cfg.optim.grad_accum, cfg.train.seed, mask_id, specials,
-                    cfg.train.mlm_prob)
+                    cfg.train.mlm_prob, dc.temperature, dc.alpha, dc.attention_weight,
+                    teacher[2] if teacher else ())
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     train_step = make_train_step(graphdef, tx, spec, lr_fn,
                                  dropout=cfg.model.dropout > 0 or cfg.model.attention_dropout > 0,
-                                 state_sharding={"params": p_sharding, "opt_state": o_sharding, "step": replicated})
+                                 state_sharding={"params": p_sharding, "opt_state": o_sharding, "step": replicated},
+                                 teacher_graphdef=teacher[0] if teacher else None)
+    teacher_params = teacher[1] if teacher else None
     eval_step = make_eval_step(graphdef, spec)
     state = {"params": params, "opt_state": opt_state, "step": jax.device_put(jnp.int32(start), replicated)}
     pruner = _Pruner(cfg.prune, log) if cfg.prune.sparsity else None
@@ -457,7 +505,7 @@ def train(cfg: Config, *, log=None) -> dict:
             batch = jax.make_array_from_process_local_data(rows_sharding, np.asarray(next(it)))
             if pruner is not None and pruner.changes_at(step - 1):
                 masks = pruner.masks_for(step - 1, state)
-            state, metrics = train_step(state, batch, frozen, masks)
+            state, metrics = train_step(state, batch, frozen, masks, teacher_params)
             if pending is not None:
                 last = drain(pending)
             pending = (step, metrics)

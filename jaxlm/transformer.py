@@ -36,19 +36,20 @@ class Block(nnx.Module):
                        std=cfg.init_std, dtype=jnp.dtype(cfg.dtype), rngs=rngs,
                        options=lambda name: dense_options(cfg, name))
 
-    def __call__(self, x, mask, positions, *, kv_cache=None, cache_index=None, key=None):
-        """Returns (x, kv_cache): this layer's cache with the new tokens written (None without one)."""
+    def __call__(self, x, mask, positions, *, kv_cache=None, cache_index=None, key=None, need_probs=False):
+        """Returns (x, kv_cache): this layer's cache with the new tokens written (None without one);
+        with ``need_probs``, (x, kv_cache, attention probabilities [B, H, T, S])."""
         k_attn, k_mlp = _split(key, 2)
-        attn = dict(kv_cache=kv_cache, cache_index=cache_index, key=k_attn)
+        attn = dict(kv_cache=kv_cache, cache_index=cache_index, key=k_attn, need_probs=need_probs)
         if self.pre_norm:
-            h, kv = self.attn(self.attn_norm(x), mask, positions, **attn)
+            h, kv, *probs = self.attn(self.attn_norm(x), mask, positions, **attn)
             x = x + h
             x = x + self.mlp(self.mlp_norm(x), self.dropout, k_mlp)
         else:
-            h, kv = self.attn(x, mask, positions, **attn)
+            h, kv, *probs = self.attn(x, mask, positions, **attn)
             x = self.attn_norm(x + h)
             x = self.mlp_norm(x + self.mlp(x, self.dropout, k_mlp))
-        return x, kv
+        return (x, kv, probs[0]) if need_probs else (x, kv)
 
 
 class Layers(nnx.Module):
@@ -86,27 +87,31 @@ class Layers(nnx.Module):
                 blocks.append(block)
             self.blocks = nnx.List(blocks)
 
-    def __call__(self, x, mask, positions, *, cache=None, cache_index=None, key=None):
+    def __call__(self, x, mask, positions, *, cache=None, cache_index=None, key=None, need_probs=False):
         """x: [B, T, D]; cache: None or ``init_cache``'s layout. Returns (x, updated cache).
 
         Unrolled, the cache holds one buffer per layer ({"k": (L x [B, S, K, Dh]), "v": ...}) that
         each layer writes then reads, so XLA updates it in place; scanned, it is stacked
-        ({"k": [L, B, S, K, Dh], ...}) and rides in the scan carry.
+        ({"k": [L, B, S, K, Dh], ...}) and rides in the scan carry. ``need_probs`` adds a third
+        output: every layer's attention probabilities [L, B, H, T, S].
         """
         keys = [None] * self.n_layers if key is None else list(jax.random.split(key, self.n_layers))
 
         def run(block, h, layer_kv, layer_key):
-            return block(h, mask, positions, kv_cache=layer_kv, cache_index=cache_index, key=layer_key)
+            return block(h, mask, positions, kv_cache=layer_kv, cache_index=cache_index, key=layer_key,
+                         need_probs=need_probs)
 
         if not self.scan:
             step = jax.checkpoint(run, prevent_cse=False) if self.remat else run
-            ks, vs = [], []
+            ks, vs, maps = [], [], []
             for i, block in enumerate(self.blocks):
-                x, kv = step(block, x, None if cache is None else (cache["k"][i], cache["v"][i]), keys[i])
+                x, kv, *probs = step(block, x, None if cache is None else (cache["k"][i], cache["v"][i]), keys[i])
+                maps += probs
                 if kv is not None:
                     ks.append(kv[0])
                     vs.append(kv[1])
-            return x, (None if cache is None else {"k": tuple(ks), "v": tuple(vs)})
+            out = (x, (None if cache is None else {"k": tuple(ks), "v": tuple(vs)}))
+            return (*out, jnp.stack(maps)) if need_probs else out
 
         graphdef, state = nnx.split(self.blocks)
 
@@ -115,18 +120,19 @@ class Layers(nnx.Module):
             layer_state, i, layer_key = xs
             layer_kv = None if kc is None else (jax.lax.dynamic_index_in_dim(kc, i, keepdims=False),
                                                 jax.lax.dynamic_index_in_dim(vc, i, keepdims=False))
-            h, kv = run(nnx.merge(graphdef, layer_state), h, layer_kv, layer_key)
+            h, kv, *probs = run(nnx.merge(graphdef, layer_state), h, layer_kv, layer_key)
             if kv is not None:
                 kc = jax.lax.dynamic_update_index_in_dim(kc, kv[0], i, 0)
                 vc = jax.lax.dynamic_update_index_in_dim(vc, kv[1], i, 0)
-            return (h, kc, vc), None
+            return (h, kc, vc), (probs[0] if probs else None)
 
         if self.remat:
             body = jax.checkpoint(body)
         carry = (x, None, None) if cache is None else (x, cache["k"], cache["v"])
         xs = (state, jnp.arange(self.n_layers), None if key is None else jax.random.split(key, self.n_layers))
-        (x, kc, vc), _ = jax.lax.scan(body, carry, xs)
-        return x, (None if cache is None else {"k": kc, "v": vc})
+        (x, kc, vc), maps = jax.lax.scan(body, carry, xs)
+        out = (x, (None if cache is None else {"k": kc, "v": vc}))
+        return (*out, maps) if need_probs else out
 
 
 def stack_layers(params: dict) -> dict:
@@ -197,8 +203,9 @@ class Transformer(nnx.Module):
         self.layers = Layers(cfg, rngs=rngs)
         self.final_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps) if cfg.final_norm else None
 
-    def hidden_states(self, input_ids, attention_mask=None, token_type_ids=None, *, key=None):
-        """Final hidden states [B, T, D] (HF's last_hidden_state). ``key`` enables dropout."""
+    def hidden_states(self, input_ids, attention_mask=None, token_type_ids=None, *, key=None, need_probs=False):
+        """Final hidden states [B, T, D] (HF's last_hidden_state). ``key`` enables dropout;
+        ``need_probs`` returns (hidden states, attention probabilities [L, B, H, T, T])."""
         b, t = input_ids.shape
         if attention_mask is None:
             attention_mask = jnp.ones((b, t), bool)
@@ -207,8 +214,13 @@ class Transformer(nnx.Module):
         mask = make_mask(attention_mask, causal=self.config.causal)
         k_embed, k_layers = _split(key, 2)
         x = self.embed(input_ids, positions, token_type_ids, k_embed)
-        x, _ = self.layers(x, mask, positions, key=k_layers)
-        return self.final_norm(x) if self.final_norm is not None else x
+        x, _, *maps = self.layers(x, mask, positions, key=k_layers, need_probs=need_probs)
+        x = self.final_norm(x) if self.final_norm is not None else x
+        return (x, maps[0]) if need_probs else x
+
+    def attention_maps(self, input_ids, attention_mask=None, token_type_ids=None):
+        """Every layer's attention probabilities [L, B, H, T, T] (rows of padded keys are 0)."""
+        return self.hidden_states(input_ids, attention_mask, token_type_ids, need_probs=True)[1]
 
 
 class Decoder(Transformer):

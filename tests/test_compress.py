@@ -185,3 +185,61 @@ def test_pruned_weights_stay_zero_while_fine_tuning(base_run, tmp_path):
         first = zero
     ckpts.close()
     assert measured_sparsity(jaxlm.load(work).params) == pytest.approx(0.6, abs=1e-3)
+
+
+# Distillation ----------------------------------------------------------------------------------
+
+def test_distillation_loss_equals_the_formula():
+    from jaxlm.compress.distill import layer_pairs
+    from jaxlm.train import StepSpec, loss_sums
+
+    student = build_model(ModelConfig.preset("gpt2-tiny", **SMALL))
+    teacher = build_model(ModelConfig.preset("gpt2-tiny", **{**SMALL, "n_layers": 4, "d_model": 48, "n_heads": 6}), 1)
+    rows = jnp.asarray(np.random.RandomState(1).randint(0, 96, (3, 11)))
+    pairs = layer_pairs(2, 4)
+    assert pairs == ((0, 1), (1, 3))
+    T, alpha, beta = 2.0, 0.3, 0.7
+    spec = StepSpec("distill", temperature=T, alpha=alpha, attention_weight=beta, layer_pairs=pairs)
+    total, n, _ = loss_sums(student, rows, spec, teacher=teacher)
+
+    x, y = rows[:, :-1], np.asarray(rows[:, 1:])
+    s, t = np.asarray(student(x), np.float64), np.asarray(teacher(x), np.float64)
+
+    def log_softmax(z):
+        z = z - z.max(-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+    kl = (np.exp(log_softmax(t / T)) * (log_softmax(t / T) - log_softmax(s / T))).sum(-1)
+    ce = -np.take_along_axis(log_softmax(s), y[..., None], -1)[..., 0]
+    sm, tm = np.asarray(student.attention_maps(x)), np.asarray(teacher.attention_maps(x))
+    # 4 student heads vs 6 teacher heads: compare the head averages
+    mse = np.mean([np.mean((sm[a].mean(1) - tm[b].mean(1)) ** 2) for a, b in pairs])
+    want = (alpha * T ** 2 * kl + (1 - alpha) * ce).sum() + beta * mse * y.size
+    assert float(n) == y.size
+    np.testing.assert_allclose(float(total), want, rtol=2e-5)
+
+
+def test_layer_map_and_teacher_checks():
+    from jaxlm.compress.distill import check_teacher, layer_pairs
+
+    assert layer_pairs(4, 8) == ((0, 1), (1, 3), (2, 5), (3, 7))
+    assert layer_pairs(2, 8, "0:0,1:7") == ((0, 0), (1, 7))
+    with pytest.raises(ValueError, match="the teacher 0..7"):
+        layer_pairs(2, 8, "0:8")
+    with pytest.raises(ValueError, match="the teacher's vocabulary has 97 tokens but the student's 96"):
+        check_teacher(ModelConfig.preset("gpt2-tiny", **SMALL), ModelConfig.preset("gpt2-tiny", **{**SMALL, "vocab_size": 97}))
+
+
+def test_distillation_trains_the_student_only(base_run, tmp_path):
+    from jaxlm.train import train
+
+    root, args = base_run
+    teacher = jaxlm.load(root / "base")
+    before = np.asarray(teacher.logits(IDS))
+    work = tmp_path / "student"
+    last = train(load_config(None, [*args, "model.n_layers=1", "train.steps=3", f"train.workdir={work}",
+                                    "train.objective=distill", f"distill.teacher={root / 'base'}",
+                                    "distill.attention_weight=1.0"]), log=lambda m: None)
+    assert np.isfinite(last["loss"])
+    np.testing.assert_array_equal(np.asarray(jaxlm.load(root / "base").logits(IDS)), before)  # teacher untouched
+    assert jaxlm.load(work).config.n_layers == 1

@@ -74,6 +74,19 @@ class LM:
             return _apply(self._graphdef, self.params, *self._inputs(input_ids, attention_mask, token_type_ids),
                           "logits")
 
+    def classify(self, texts) -> list[str]:
+        """The predicted class name of each text (head="classify" models)."""
+        from jaxlm.classify import ClassRows
+
+        if self.config.head != "classify":
+            raise ValueError(f"classify() needs a classification head; this model's head is {self.config.head!r}")
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer; use logits() with token ids")
+        names = self.config.label_names or tuple(str(i) for i in range(self.config.num_labels))
+        rows = ClassRows([(t, names[0]) for t in texts], self.tokenizer, names, self.config.max_len)
+        logits = np.asarray(self.logits(rows.ids, rows.mask))
+        return [names[i] for i in logits.argmax(-1)]
+
     def hidden_states(self, input_ids, attention_mask=None, token_type_ids=None):
         """Final hidden states [B, T, D] (HF's last_hidden_state)."""
         with self._on_mesh():
@@ -97,6 +110,8 @@ class LM:
         cfg = self.config
         if not cfg.causal:
             raise ValueError(f"generate() needs a decoder model; {cfg.name!r} is an {cfg.arch}")
+        if cfg.head != "lm":
+            raise ValueError(f"generate() needs a language-model head; this model's head is {cfg.head!r}")
         texts = isinstance(prompts, (list, tuple)) and len(prompts) > 0 and isinstance(prompts[0], str)
         if isinstance(prompts, str):
             raise ValueError("prompts must be a list of strings (or of token id lists), not one string")

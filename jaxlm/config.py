@@ -64,6 +64,7 @@ class ModelConfig:
     head: str = "lm"
     pooler: bool = False  # dense + tanh on the first token (BERT)
     num_labels: int = 2
+    label_names: tuple[str, ...] = ()  # head="classify": the class of each output, if known
     dropout: float = 0.1
     attention_dropout: float = 0.1
     init_std: float = 0.02
@@ -85,7 +86,7 @@ class ModelConfig:
     attention_impl: str = "xla"
 
     def __post_init__(self):
-        for field in ("lora_targets", "factor_targets"):  # from YAML / JSON lists or "q,v" strings
+        for field in ("lora_targets", "factor_targets", "label_names"):  # YAML / JSON lists or "q,v" strings
             value = getattr(self, field)
             names = value.split(",") if isinstance(value, str) else value
             object.__setattr__(self, field, tuple(n.strip() for n in names if n.strip()))
@@ -109,8 +110,8 @@ class ModelConfig:
             )
         if self.positions == "rope" and self.dim_per_head % 2:
             raise ValueError(f"rotary positions need an even head_dim, got {self.dim_per_head}")
-        if self.head == "classify" and self.arch == "decoder":
-            raise ValueError("head='classify' is available for encoders only (for now)")
+        if self.label_names and len(self.label_names) != self.num_labels:
+            raise ValueError(f"{len(self.label_names)} label_names for num_labels={self.num_labels}")
         for kind, rank, targets in (("lora", self.lora_rank, self.lora_targets),
                                     ("factor", self.factor_rank, self.factor_targets)):
             if rank < 0:
@@ -324,7 +325,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 _TRAIN_CHOICES = {
     ("data", "unit"): ("file", "line"),
     ("optim", "name"): ("adamw", "sgd", "adafactor"),
-    ("train", "objective"): ("clm", "mlm", "distill"),
+    ("train", "objective"): ("clm", "mlm", "distill", "classify"),
     ("train", "dtype"): ("float32", "bfloat16"),
     ("adapt", "method"): ("full", "lora"),
     ("prune", "scope"): ("global", "layer"),
@@ -339,6 +340,7 @@ class DataConfig:
     path: str | None = None  # files, directories or globs, comma-separated
     tfds_name: str | None = None  # a prepared tensorflow-datasets catalog dataset, e.g. "lm1b"
     text_key: str = "text"
+    label_key: str = "label"  # train.objective=classify: the label column / key / feature
     unit: str = "file"  # one example per file or per line (local text)
     val_fraction: float = 0.05
     tokenizer: str = "byte"  # "byte" or a model dir holding tokenizer files

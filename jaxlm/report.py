@@ -63,26 +63,45 @@ def evaluate_model(model_path, overrides=(), *, split: str = "validation", batch
     lm = jaxlm.load(model_path, mesh=mesh)
     if lm.tokenizer is None:
         raise ValueError(f"{model_path} has no tokenizer files, so no text can be evaluated")
-    if workdir or any(o.startswith("train.objective=") for o in overrides):
-        objective = cfg.train.objective
+    if lm.config.head == "classify":
+        objective = "classify"
+    elif workdir or any(o.startswith("train.objective=") for o in overrides):
+        objective = cfg.train.objective if cfg.train.objective in ("clm", "mlm") else \
+            ("clm" if lm.config.causal else "mlm")  # a distilled student: its own loss
     else:
         objective = "clm" if lm.config.causal else "mlm"
     check_seq_len(cfg.data.seq_len, lm.config.max_len)
     tokenizer = lm.tokenizer
-    rows = _rows(cfg, split, tokenizer, tokenizer_tag(tokenizer), log=lambda m: None)
+    if objective == "classify":
+        from jaxlm.classify import ClassRows, macro_f1, read_examples
+
+        names = lm.config.label_names or tuple(str(i) for i in range(lm.config.num_labels))
+        rows = ClassRows(read_examples(cfg.data, split), tokenizer, names, cfg.data.seq_len)
+        batches = len(rows)  # every full batch: classification metrics cover the split
+    else:
+        rows = _rows(cfg, split, tokenizer, tokenizer_tag(tokenizer), log=lambda m: None)
     spec = StepSpec(objective, mask_id=getattr(tokenizer, "mask_id", None),
                     special_ids=tuple(i for i in (tokenizer.eos_id, tokenizer.pad_id) if i is not None))
     step = make_eval_step(lm._graphdef, spec)  # the training run's own evaluation step
 
     it = loader(rows, batch_size=cfg.data.batch_size, seed=0, shuffle=False)
     n = min(batches, max(1, len(rows) // cfg.data.batch_size))
-    tot = np.zeros(3)
+    tot, confusion = np.zeros(3), 0
     for i in range(n):
-        batch = jnp.asarray(next(it)) if mesh is None else jax.device_put(next(it), batch_sharding(mesh))
-        tot += np.array([float(x) for x in step(lm.params, batch, i)])
+        local = next(it)
+        batch = jax.tree.map(jnp.asarray, local) if mesh is None else \
+            jax.tree.map(lambda x: jax.device_put(x, batch_sharding(mesh)), local)
+        res = step(lm.params, batch, i)
+        tot += np.array([float(x) for x in res[:3]])
+        confusion = confusion + (np.asarray(res[3]) if len(res) > 3 else 0)
     loss = tot[0] / max(tot[1], 1)
-    out = {"model": str(model_path), "split": split, "objective": objective, "loss": loss,
-           "perplexity": math.exp(loss), "tokens": int(tot[1])}
+    out = {"model": str(model_path), "split": split, "objective": objective, "loss": loss}
+    if objective == "classify":
+        counts = np.asarray(confusion).sum(1)
+        out.update(examples=int(tot[1]), accuracy=tot[2] / max(tot[1], 1), macro_f1=macro_f1(confusion),
+                   majority_baseline=float(counts.max() / max(counts.sum(), 1)))
+        return out
+    out.update(perplexity=math.exp(loss), tokens=int(tot[1]))
     if objective == "mlm":
         out["accuracy"] = tot[2] / max(tot[1], 1)
     return out

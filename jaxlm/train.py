@@ -79,6 +79,12 @@ def loss_sums(model, rows, spec: StepSpec, *, key=None, mask_key=None, teacher=N
     true token, or with ``teacher`` (a model, objective=distill) the distillation loss; the
     attention term is added as its mean times the number of scored tokens.
     """
+    if spec.objective == "classify":  # rows: {"ids", "mask": [B, T], "label": [B]}
+        logits = model(rows["ids"], rows["mask"], key=key)  # [B, C]
+        target_logit = jnp.take_along_axis(logits, rows["label"][:, None], axis=-1)[:, 0]
+        nll = jax.nn.logsumexp(logits, axis=-1) - target_logit
+        correct = (target_logit >= jax.lax.stop_gradient(logits.max(-1))).astype(jnp.float32)
+        return nll.sum(), jnp.float32(nll.shape[0]), correct.sum()
     causal = spec.objective == "clm" or (spec.objective == "distill" and model.config.causal)
     if causal:
         inputs, targets = rows[:, :-1], rows[:, 1:]
@@ -134,7 +140,7 @@ def make_train_step(graphdef, tx, spec: StepSpec, lr_fn, *, dropout: bool = True
 
         params, opt_state, step = state["params"], state["opt_state"], state["step"]
         key = jax.random.fold_in(jax.random.key(spec.seed), step)
-        micro = batch.reshape(spec.grad_accum, -1, batch.shape[-1])  # [M, B / M, T + 1]
+        micro = jax.tree.map(lambda x: x.reshape(spec.grad_accum, -1, *x.shape[1:]), batch)  # [M, B / M, ...]
 
         def accumulate(carry, xs):
             g_sum, l_sum, n_sum, c_sum = carry
@@ -167,7 +173,13 @@ def make_eval_step(graphdef, spec: StepSpec):
 
     def step(params, batch, index):
         mask_key = jax.random.fold_in(jax.random.key(spec.seed + 1), index)
-        return loss_sums(nnx.merge(graphdef, params), batch, spec, mask_key=mask_key)
+        model = nnx.merge(graphdef, params)
+        if spec.objective == "classify":  # also a confusion matrix [true, predicted] for macro-F1
+            c = model.config.num_labels
+            pred = jnp.argmax(model(batch["ids"], batch["mask"]), axis=-1)
+            confusion = jax.nn.one_hot(batch["label"], c).T @ jax.nn.one_hot(pred, c)
+            return (*loss_sums(model, batch, spec), confusion)
+        return loss_sums(model, batch, spec, mask_key=mask_key)
 
     return jax.jit(step)
 
@@ -372,6 +384,17 @@ def train(cfg: Config, *, log=None) -> dict:
     cfg = dataclasses.replace(cfg, model=cfg.model.replace(
         eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id,
         bos_token_id=cfg.model.bos_token_id if tokenizer.eos_id is None else tokenizer.eos_id))
+    class_rows = None
+    if cfg.train.objective == "classify":
+        from jaxlm.classify import ClassRows, label_names, read_examples
+
+        train_ex = read_examples(cfg.data, "train")
+        names = label_names(train_ex)
+        cfg = dataclasses.replace(cfg, model=cfg.model.replace(
+            head="classify", num_labels=len(names), label_names=names, pooler=cfg.model.pooler or not cfg.model.causal))
+        class_rows = tuple(ClassRows(ex, tokenizer, names, cfg.data.seq_len)
+                           for ex in (train_ex, read_examples(cfg.data, "validation")))
+        log(f"classes: {', '.join(names)}; {len(class_rows[0])} training and {len(class_rows[1])} validation examples")
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size="
                          f"{cfg.model.vocab_size}; set model.vocab_size={tokenizer.vocab_size}")
@@ -393,8 +416,11 @@ def train(cfg: Config, *, log=None) -> dict:
     if pc > 1:
         log(f"process {pi} of {pc}: {jax.local_device_count()} local devices, {jax.device_count()} in all; "
             f"mesh data={mesh.shape['data']} fsdp={mesh.shape['fsdp']} tensor={mesh.shape['tensor']}")
-    train_rows = _rows(cfg, "train", tokenizer, tok_tag, log)
-    val_rows = _rows(cfg, "validation", tokenizer, tok_tag, log)
+    if cfg.train.objective == "classify":
+        train_rows, val_rows = class_rows
+    else:
+        train_rows = _rows(cfg, "train", tokenizer, tok_tag, log)
+        val_rows = _rows(cfg, "validation", tokenizer, tok_tag, log)
     it = loader(train_rows, batch_size=cfg.data.batch_size, seed=cfg.train.seed, process_index=pi,
                 process_count=pc)
 
@@ -409,7 +435,7 @@ def train(cfg: Config, *, log=None) -> dict:
                    out_shardings=p_sharding)
     params = init()
     if base is not None:  # pretrained weights replace the fresh ones (new adapters stay as initialised)
-        params = jax.device_put(tree.merge(params, base.params), p_sharding)
+        params = jax.device_put(tree.overlay(params, base.params), p_sharding)
         del base
     # Trainable and frozen parameters: the optimizer and the checkpoints hold the trainable ones.
     trainable = (lambda path: is_adapter(path)) if cfg.adapt.method == "lora" else (lambda path: True)
@@ -419,6 +445,9 @@ def train(cfg: Config, *, log=None) -> dict:
     o_sharding = like_params(jax.eval_shape(tx.init, params), p_sharding, mesh)
     opt_state = jax.jit(tx.init, out_shardings=o_sharding)(params)
     rows_sharding = batch_sharding(mesh)
+
+    def to_device(local):  # this host's rows -> one global array (or a dict of them), split over data x fsdp
+        return jax.tree.map(lambda x: jax.make_array_from_process_local_data(rows_sharding, np.asarray(x)), local)
 
     workdir.mkdir(parents=True, exist_ok=True)
     ckpts = TrainCheckpoints(workdir, keep=cfg.train.keep)
@@ -462,11 +491,18 @@ def train(cfg: Config, *, log=None) -> dict:
     def evaluate(params):
         val = loader(val_rows, batch_size=cfg.data.batch_size, seed=0, shuffle=False, process_index=pi,
                      process_count=pc)
-        tot = np.zeros(3)
-        for i in range(cfg.train.eval_batches):
-            batch = jax.make_array_from_process_local_data(rows_sharding, np.asarray(next(val)))
-            tot += np.array([float(x) for x in eval_step(params, batch, i)])
-        return {"val_loss": tot[0] / max(tot[1], 1), "val_accuracy": tot[2] / max(tot[1], 1)}
+        tot, confusion = np.zeros(3), 0
+        n = cfg.train.eval_batches if cfg.train.objective != "classify" else len(val_rows) // cfg.data.batch_size
+        for i in range(n):
+            out = eval_step(params, to_device(next(val)), i)
+            tot += np.array([float(x) for x in out[:3]])
+            confusion = confusion + (np.asarray(out[3]) if len(out) > 3 else 0)
+        metrics = {"val_loss": tot[0] / max(tot[1], 1), "val_accuracy": tot[2] / max(tot[1], 1)}
+        if cfg.train.objective == "classify":
+            from jaxlm.classify import macro_f1
+
+            metrics["val_macro_f1"] = macro_f1(confusion)
+        return metrics
 
     board = _board(workdir) if pi == 0 else None
 
@@ -502,7 +538,7 @@ def train(cfg: Config, *, log=None) -> dict:
             write({"step": 0, **evaluate(full_params(state["params"]))})
         kill_at = int(os.environ.get("JAXLM_TEST_KILL_AFTER_SAVE", "0"))  # fault injection for tests
         for step in range(start + 1, cfg.train.steps + 1):
-            batch = jax.make_array_from_process_local_data(rows_sharding, np.asarray(next(it)))
+            batch = to_device(next(it))
             if pruner is not None and pruner.changes_at(step - 1):
                 masks = pruner.masks_for(step - 1, state)
             state, metrics = train_step(state, batch, frozen, masks, teacher_params)

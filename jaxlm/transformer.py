@@ -232,6 +232,11 @@ class Decoder(Transformer):
                         Dense("btd,dv->btv", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
                               use_bias=False, std=cfg.init_std, dtype=jnp.dtype(cfg.dtype), rngs=rngs,
                               quantize=cfg.quantize))
+        self.dropout = cfg.dropout
+        # head="classify": a linear layer on the hidden state of each row's last real token.
+        self.classifier = (Dense("bd,dc->bc", (cfg.d_model, cfg.num_labels), ("embed", None), use_bias=True,
+                                 std=cfg.init_std, dtype=jnp.dtype(cfg.dtype), rngs=rngs, quantize=cfg.quantize)
+                           if cfg.head == "classify" else None)
 
     def head(self, h):
         """Next-token logits [B, T, V] in float32."""
@@ -239,7 +244,16 @@ class Decoder(Transformer):
         return logits.astype(jnp.float32)
 
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, key=None):
-        return self.head(self.hidden_states(input_ids, attention_mask, token_type_ids, key=key))
+        """[B, T, V] next-token logits; [B, C] class logits for head="classify"."""
+        if self.classifier is None:
+            return self.head(self.hidden_states(input_ids, attention_mask, token_type_ids, key=key))
+        k_body, k_head = _split(key, 2)
+        h = self.hidden_states(input_ids, attention_mask, token_type_ids, key=k_body)
+        b, t = input_ids.shape
+        valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+        last = t - 1 - jnp.argmax(valid[:, ::-1], axis=1)  # the last real token (left or right padding)
+        pooled = jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0]
+        return self.classifier(dropout(pooled, self.dropout, k_head)).astype(jnp.float32)
 
     def decode(self, input_ids, positions, cache, cache_index, key_valid):
         """One prefill or decode step over the KV cache.

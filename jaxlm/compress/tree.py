@@ -33,6 +33,19 @@ def merge(a: dict, b: dict) -> dict:
     return out
 
 
+def overlay(fresh: dict, base: dict) -> dict:
+    """``fresh`` with each leaf that ``base`` has at the same path and shape taken from ``base``
+    (pretrained weights into a model with new parts, e.g. adapters or another head)."""
+    out = {}
+    for k, v in fresh.items():
+        b = base.get(k) if isinstance(base, dict) else None
+        if isinstance(v, dict):
+            out[k] = overlay(v, b if isinstance(b, dict) else {})
+        else:
+            out[k] = b if b is not None and not isinstance(b, dict) and b.shape == v.shape else v
+    return out
+
+
 def split(tree: dict, keep, path=()) -> tuple[dict, dict]:
     """(leaves where keep(path) is True, the others), both as trees without empty dicts."""
     yes, no = {}, {}

@@ -62,8 +62,8 @@ class LM:
         if ids.size and (ids.min() < 0 or ids.max() >= v):
             bad = ids.min() if ids.min() < 0 else ids.max()
             raise ValueError(f"input id {bad} is outside the vocabulary: ids must be in [0, {v})")
-        if t > self.config.max_len:
-            raise ValueError(f"sequence length {t} exceeds the model's context of {self.config.max_len} tokens")
+        if t > self.config.context:
+            raise ValueError(f"sequence length {t} exceeds the model's context of {self.config.context} tokens")
         mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask).reshape(ids.shape).astype(bool)
         types = None if token_type_ids is None else jnp.asarray(np.asarray(token_type_ids).reshape(ids.shape), jnp.int32)
         return jnp.asarray(ids, jnp.int32), jnp.asarray(mask), types
@@ -83,7 +83,7 @@ class LM:
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer; use logits() with token ids")
         names = self.config.label_names or tuple(str(i) for i in range(self.config.num_labels))
-        rows = ClassRows([(t, names[0]) for t in texts], self.tokenizer, names, self.config.max_len)
+        rows = ClassRows([(t, names[0]) for t in texts], self.tokenizer, names, self.config.context)
         logits = np.asarray(self.logits(rows.ids, rows.mask))
         return [names[i] for i in logits.argmax(-1)]
 
@@ -132,9 +132,9 @@ class LM:
         if num_return_sequences < 1:
             raise ValueError(f"num_return_sequences={num_return_sequences} must be >= 1")
         longest = max(len(r) for r in rows)
-        if longest + max_new_tokens > cfg.max_len:
+        if longest + max_new_tokens > cfg.context:
             raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the "
-                             f"model's context of {cfg.max_len} tokens")
+                             f"model's context of {cfg.context} tokens")
         sampling = Sampling(float(temperature), int(top_k), float(top_p))
         sampling.check(cfg.vocab_size)
         tok = self.tokenizer

@@ -240,9 +240,9 @@ def load_workdir(path):
     from flax import nnx
 
     from jaxlm.compress import tree
-    from jaxlm.compress.lora import is_adapter
     from jaxlm.config import Config
     from jaxlm.tokenizer import load_tokenizer
+    from jaxlm.train import trainable_filter
     from jaxlm.transformer import abstract_model
 
     cfg = Config.from_dict(json.loads(Path(path, "config.json").read_text()))
@@ -253,13 +253,13 @@ def load_workdir(path):
     one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     # Training checkpoints keep the run's own layout (stacked or per-layer, by model.scan_layers).
     layout = nnx.to_pure_dict(nnx.state(abstract_model(cfg.model), nnx.Param))
-    lora = cfg.adapt.method == "lora"
-    if lora:  # the checkpoints hold the adapters; the frozen base is the model they started from
-        layout, _ = tree.split(layout, is_adapter)
+    adapted = cfg.adapt.method in ("lora", "prompt")
+    if adapted:  # the checkpoints hold the adapters or prompt; the frozen base is the model they started from
+        layout, _ = tree.split(layout, trainable_filter(cfg.adapt.method))
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), layout)
     params = ckpts.restore_params(step, abstract)
     ckpts.close()
-    if lora:
+    if adapted:
         from jaxlm.api import load
 
         base = load(cfg.adapt.init, scan_layers=cfg.model.scan_layers)  # the base must still exist

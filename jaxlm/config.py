@@ -79,6 +79,7 @@ class ModelConfig:
     factor_rank: int = 0  # factor_targets kernels stored as two rank-r factors; 0 = full
     factor_targets: tuple[str, ...] = ()
     quantize: str = "none"  # int8: weight-only int8 kernels and embeddings, per-channel scales
+    prompt_length: int = 0  # trainable soft-prompt vectors before every input (prompt tuning); 0 = none
     # How to compute (results unchanged):
     dtype: str = "float32"
     scan_layers: bool = True
@@ -110,6 +111,8 @@ class ModelConfig:
             )
         if self.positions == "rope" and self.dim_per_head % 2:
             raise ValueError(f"rotary positions need an even head_dim, got {self.dim_per_head}")
+        if not 0 <= self.prompt_length < self.max_len:
+            raise ValueError(f"ModelConfig.prompt_length={self.prompt_length} must be in [0, max_len={self.max_len})")
         if self.label_names and len(self.label_names) != self.num_labels:
             raise ValueError(f"{len(self.label_names)} label_names for num_labels={self.num_labels}")
         for kind, rank, targets in (("lora", self.lora_rank, self.lora_targets),
@@ -139,6 +142,11 @@ class ModelConfig:
     @property
     def mlp_dim(self) -> int:
         return self.d_ff or 4 * self.d_model
+
+    @property
+    def context(self) -> int:
+        """Tokens of text a sequence may hold: max_len less the soft prompt's positions."""
+        return self.max_len - self.prompt_length
 
     @property
     def causal(self) -> bool:
@@ -327,7 +335,7 @@ _TRAIN_CHOICES = {
     ("optim", "name"): ("adamw", "sgd", "adafactor"),
     ("train", "objective"): ("clm", "mlm", "distill", "classify"),
     ("train", "dtype"): ("float32", "bfloat16"),
-    ("adapt", "method"): ("full", "lora"),
+    ("adapt", "method"): ("full", "lora", "prompt"),
     ("prune", "scope"): ("global", "layer"),
 }
 
@@ -382,10 +390,11 @@ class AdaptConfig:
     """Fine-tuning from a pretrained model: which weights start from it and which are trained."""
 
     init: str = ""  # start from this model (jaxlm model dir, training workdir, HF dir); "" = scratch
-    method: str = "full"  # full: every weight trains; lora: only low-rank adapters (base frozen)
+    method: str = "full"  # full: all weights train; lora: only low-rank adapters; prompt: only a soft prompt
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_targets: str = "q,v"  # comma-separated block kernels: q, k, v, o, up, down
+    prompt_length: int = 20  # method=prompt: soft-prompt vectors (the only trained weights)
 
 
 @dataclasses.dataclass(frozen=True)

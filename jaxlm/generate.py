@@ -119,10 +119,11 @@ def _generate(graphdef, params, prompt, prompt_mask, row_keys, active, *, max_ne
     model = nnx.merge(graphdef, params)
     cfg = model.config
     b, p = prompt.shape
-    cache = init_cache(cfg, b, p + max_new)
-    key_valid = jnp.concatenate([prompt_mask, jnp.ones((b, max_new), bool)], axis=1)
-    positions = positions_from_mask(prompt_mask)
-    h, cache = model.decode(prompt, positions, cache, 0, key_valid)
+    soft = cfg.prompt_length  # a soft prompt (prompt tuning) takes the first cache slots
+    cache = init_cache(cfg, b, soft + p + max_new)
+    key_valid = jnp.concatenate([jnp.ones((b, soft), bool), prompt_mask, jnp.ones((b, max_new), bool)], axis=1)
+    positions = positions_from_mask(prompt_mask) + soft
+    h, cache = model.decode(prompt, positions, cache, 0, key_valid, prefill=True)
     logits = model.head(h[:, -1:])[:, 0]  # only the last position's logits are needed
 
     def emit(i, logits, done, out):
@@ -145,7 +146,7 @@ def _generate(graphdef, params, prompt, prompt_mask, row_keys, active, *, max_ne
 
     def body(state):
         i, tok, cache, done, out, pos = state
-        h, cache = model.decode(tok[:, None], pos[:, None], cache, p + i - 1, key_valid)
+        h, cache = model.decode(tok[:, None], pos[:, None], cache, soft + p + i - 1, key_valid)
         tok, done, out = emit(i, model.head(h)[:, 0], done, out)
         return i + 1, tok, cache, done, out, pos + 1
 
@@ -183,7 +184,7 @@ def generate_ids(graphdef, params, config: ModelConfig, rows, *, max_new_tokens:
     n = num_return_sequences
     rows = [list(r) for r in rows for _ in range(n)]
     longest = max(len(r) for r in rows)
-    p = min(bucket(longest), config.max_len - max_new_tokens)
+    p = min(bucket(longest), config.context - max_new_tokens)
     b = bucket(len(rows), minimum=1)
     # Padding slots are masked, but their ids are still embedded: keep them inside the vocabulary.
     prompt = np.full((b, p), pad_id if 0 <= pad_id < config.vocab_size else 0, np.int32)

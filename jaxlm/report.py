@@ -70,7 +70,7 @@ def evaluate_model(model_path, overrides=(), *, split: str = "validation", batch
             ("clm" if lm.config.causal else "mlm")  # a distilled student: its own loss
     else:
         objective = "clm" if lm.config.causal else "mlm"
-    check_seq_len(cfg.data.seq_len, lm.config.max_len)
+    check_seq_len(cfg.data.seq_len, lm.config.context)
     tokenizer = lm.tokenizer
     if objective == "classify":
         from jaxlm.classify import ClassRows, macro_f1, read_examples

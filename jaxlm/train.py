@@ -246,6 +246,15 @@ def _rows(cfg: Config, split: str, tokenizer, tok_tag: str, log):
     return PackedRows(stream, cfg.data.seq_len)
 
 
+def trainable_filter(method: str):
+    """path -> whether that parameter trains under adapt.method."""
+    if method == "lora":
+        return is_adapter
+    if method == "prompt":
+        return lambda path: path == ("prompt",)
+    return lambda path: True
+
+
 def _base_model(cfg: Config, log):
     """The model named by adapt.init, its config adjusted for this run (runtime fields, dropout,
     LoRA adapters), params in the run's layout; None when training from scratch."""
@@ -258,6 +267,10 @@ def _base_model(cfg: Config, log):
     base = load(cfg.adapt.init, scan_layers=cfg.model.scan_layers)
     config = base.config.replace(**{f: getattr(cfg.model, f) for f in (
         "dropout", "attention_dropout", "scan_layers", "remat", "attention_impl")})
+    if cfg.adapt.method == "prompt":
+        if config.prompt_length:
+            raise ValueError(f"{cfg.adapt.init} has a soft prompt already")
+        config = config.replace(prompt_length=cfg.adapt.prompt_length)
     if cfg.adapt.method == "lora":
         if config.lora_rank:
             raise ValueError(f"{cfg.adapt.init} has LoRA adapters already; export it merged first (jaxlm export)")
@@ -398,7 +411,7 @@ def train(cfg: Config, *, log=None) -> dict:
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size="
                          f"{cfg.model.vocab_size}; set model.vocab_size={tokenizer.vocab_size}")
-    check_seq_len(cfg.data.seq_len, cfg.model.max_len)
+    check_seq_len(cfg.data.seq_len, cfg.model.context)
     if cfg.data.batch_size % cfg.optim.grad_accum:
         raise ValueError(f"data.batch_size={cfg.data.batch_size} is not divisible by optim.grad_accum="
                          f"{cfg.optim.grad_accum}")
@@ -435,10 +448,14 @@ def train(cfg: Config, *, log=None) -> dict:
                    out_shardings=p_sharding)
     params = init()
     if base is not None:  # pretrained weights replace the fresh ones (new adapters stay as initialised)
-        params = jax.device_put(tree.overlay(params, base.params), p_sharding)
+        params = tree.overlay(params, base.params)
+        if cfg.adapt.method == "prompt":  # a soft prompt starts as the embeddings of random tokens
+            ids = np.random.default_rng(cfg.train.seed).integers(0, model_cfg.vocab_size, model_cfg.prompt_length)
+            params["prompt"] = jnp.take(params["embed"]["tokens"]["embedding"], jnp.asarray(ids), axis=0)
+        params = jax.device_put(params, p_sharding)
         del base
     # Trainable and frozen parameters: the optimizer and the checkpoints hold the trainable ones.
-    trainable = (lambda path: is_adapter(path)) if cfg.adapt.method == "lora" else (lambda path: True)
+    trainable = trainable_filter(cfg.adapt.method)
     params, frozen = tree.split(params, trainable)
     p_sharding, _ = tree.split(p_sharding, trainable)
     frozen = frozen or None

@@ -202,6 +202,20 @@ class Transformer(nnx.Module):
         self.embed = Embeddings(cfg, rngs=rngs)
         self.layers = Layers(cfg, rngs=rngs)
         self.final_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps) if cfg.final_norm else None
+        # Prompt tuning (Lester et al. 2021): P trainable vectors before every input, at positions
+        # 0..P-1; the text follows at positions P...; outputs at the prompt positions are dropped.
+        self.prompt = (param(rngs.params(), (cfg.prompt_length, cfg.d_model), (None, "embed"), std=cfg.init_std)
+                       if cfg.prompt_length else None)
+
+    def with_prompt(self, x, attention_mask, positions):
+        """Prepend the soft prompt to embedded inputs x [B, T, D]: (x, mask, positions) of P + T."""
+        if self.prompt is None:
+            return x, attention_mask, positions
+        b, p = x.shape[0], self.prompt.shape[0]
+        prompt = jnp.broadcast_to(self.prompt[...].astype(x.dtype), (b, *self.prompt.shape))
+        return (jnp.concatenate([prompt, x], axis=1),
+                jnp.concatenate([jnp.ones((b, p), bool), attention_mask], axis=1),
+                jnp.concatenate([jnp.broadcast_to(jnp.arange(p), (b, p)), positions], axis=1))
 
     def hidden_states(self, input_ids, attention_mask=None, token_type_ids=None, *, key=None, need_probs=False):
         """Final hidden states [B, T, D] (HF's last_hidden_state). ``key`` enables dropout;
@@ -210,11 +224,14 @@ class Transformer(nnx.Module):
         if attention_mask is None:
             attention_mask = jnp.ones((b, t), bool)
         attention_mask = attention_mask.astype(bool)
-        positions = positions_from_mask(attention_mask)
-        mask = make_mask(attention_mask, causal=self.config.causal)
+        p = self.config.prompt_length
+        positions = positions_from_mask(attention_mask) + p
         k_embed, k_layers = _split(key, 2)
         x = self.embed(input_ids, positions, token_type_ids, k_embed)
+        x, attention_mask, positions = self.with_prompt(x, attention_mask, positions)
+        mask = make_mask(attention_mask, causal=self.config.causal)
         x, _, *maps = self.layers(x, mask, positions, key=k_layers, need_probs=need_probs)
+        x = x[:, p:]
         x = self.final_norm(x) if self.final_norm is not None else x
         return (x, maps[0]) if need_probs else x
 
@@ -255,18 +272,24 @@ class Decoder(Transformer):
         pooled = jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0]
         return self.classifier(dropout(pooled, self.dropout, k_head)).astype(jnp.float32)
 
-    def decode(self, input_ids, positions, cache, cache_index, key_valid):
+    def decode(self, input_ids, positions, cache, cache_index, key_valid, *, prefill: bool = False):
         """One prefill or decode step over the KV cache.
 
         input_ids, positions: [B, T], written to cache slots cache_index .. cache_index + T - 1;
         cache: {"k", "v": [L, B, S, K, Dh]}; key_valid: [B, S] (False for padding slots).
-        Returns (final hidden states [B, T, D], updated cache); ``head`` turns them into logits.
+        ``prefill`` with a soft prompt: the prompt goes first (slots 0..P-1, cache_index 0) and
+        positions count from P. Returns (final hidden states [B, T, D], updated cache); ``head``
+        turns them into logits.
         """
-        b, t = input_ids.shape
+        x = self.embed(input_ids, positions)
+        p = self.config.prompt_length if prefill else 0
+        if p:
+            x, _, positions = self.with_prompt(x, jnp.ones(input_ids.shape, bool), positions)
+        b, t = x.shape[:2]
         slots = jnp.broadcast_to(cache_index + jnp.arange(t), (b, t))
         mask = make_mask(key_valid, slots, causal=True)
-        x = self.embed(input_ids, positions)
         x, cache = self.layers(x, mask, positions, cache=cache, cache_index=cache_index)
+        x = x[:, p:]
         return (self.final_norm(x) if self.final_norm is not None else x), cache
 
 

@@ -243,3 +243,40 @@ def test_distillation_trains_the_student_only(base_run, tmp_path):
     assert np.isfinite(last["loss"])
     np.testing.assert_array_equal(np.asarray(jaxlm.load(root / "base").logits(IDS)), before)  # teacher untouched
     assert jaxlm.load(work).config.n_layers == 1
+
+
+# Prompt tuning ---------------------------------------------------------------------------------
+
+def test_soft_prompt_generation_equals_full_forward():
+    cfg = ModelConfig.preset("gpt2-tiny", **{**SMALL, "max_len": 48}, scan_layers=False, prompt_length=5)
+    lm = LM(cfg, _params(cfg))
+    prompts = [[3, 4, 5, 6], [7, 8]]
+    out = lm.generate(prompts, max_new_tokens=6)
+    for r, row in zip(prompts, out):
+        seq = list(r)
+        for _ in range(6):  # greedy by hand over the full forward pass (soft prompt included)
+            seq.append(int(np.argmax(np.asarray(lm.logits(np.array([seq])))[0, -1])))
+        assert list(row[-6:]) == seq[len(r):]
+    base = LM(cfg.replace(prompt_length=0), tree.split(lm.params, lambda p: p == ("prompt",))[1])
+    assert float(jnp.abs(base.logits(IDS) - lm.logits(IDS)).max()) > 1e-3  # the prompt matters
+    with pytest.raises(ValueError, match="exceeds the model's context of 43 tokens"):
+        lm.logits(np.zeros((1, 44), int))
+
+
+def test_prompt_tuning_trains_only_the_prompt(base_run, tmp_path):
+    from jaxlm.train import train
+
+    root, args = base_run
+    work = tmp_path / "prompt"
+    train(load_config(None, [*args, "train.steps=4", f"train.workdir={work}", f"adapt.init={root / 'base'}",
+                             "adapt.method=prompt", "adapt.prompt_length=4", "optim.lr=3e-2"]), log=lambda m: None)
+    base, tuned = jaxlm.load(root / "base"), jaxlm.load(work)
+    prompt, frozen = tree.split(tuned.params, lambda p: p == ("prompt",))
+    assert prompt["prompt"].shape == (4, 32) and tuned.config.prompt_length == 4
+    for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(base.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # bit-identical base
+    ids = base.tokenizer.encode("def ")
+    init = np.asarray(base.params["embed"]["tokens"]["embedding"])[
+        np.random.default_rng(0).integers(0, 259, 4)]
+    assert not np.allclose(np.asarray(prompt["prompt"]), init)  # it moved from its initial value
+    assert tuned.generate([ids], max_new_tokens=5).shape == (1, len(ids) + 5)

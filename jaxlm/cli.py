@@ -159,9 +159,18 @@ def cmd_lowrank(args) -> int:
 def cmd_prune(args) -> int:
     from jaxlm.compress.prune import apply_masks, check_sparsity, magnitude_masks, measured_sparsity
 
-    check_sparsity(args.sparsity)
+    if (args.sparsity is None) == (args.heads is None):
+        raise ValueError("give --sparsity S (weights) or --heads K (attention heads kept per layer)")
+    if args.sparsity is not None:
+        check_sparsity(args.sparsity)
 
     def fn(config, params):
+        if args.heads is not None:
+            from jaxlm.compress.prune import prune_heads
+
+            config, params, chosen = prune_heads(config, params, args.heads)
+            _log(f"kept heads per layer: {'; '.join(','.join(map(str, c)) for c in chosen.tolist())}")
+            return config, params
         params = apply_masks(params, magnitude_masks(params, args.sparsity, scope=args.scope))
         _log(f"block-kernel sparsity {measured_sparsity(params):.4f} ({args.scope})")
         return config, params
@@ -238,8 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
     lr.add_argument("--energy", type=float, help="or: the fraction of squared singular values to keep, e.g. 0.9")
     lr.add_argument("--targets", default="up,down", help="block kernels to factor (default: up,down)")
     lr.set_defaults(func=cmd_lowrank)
-    pr = transform("prune", "zero the smallest-magnitude block-kernel weights")
-    pr.add_argument("--sparsity", type=float, required=True, help="fraction of weights set to zero, in [0, 1)")
+    pr = transform("prune", "zero the smallest-magnitude block-kernel weights, or drop attention heads")
+    pr.add_argument("--sparsity", type=float, help="fraction of weights set to zero, in [0, 1)")
+    pr.add_argument("--heads", type=int, help="attention heads kept in each layer (the most important by "
+                    "||W_v|| ||W_o||): a smaller model")
     pr.add_argument("--scope", choices=("global", "layer"), default="global")
     pr.set_defaults(func=cmd_prune)
 

@@ -280,3 +280,60 @@ def test_prompt_tuning_trains_only_the_prompt(base_run, tmp_path):
         np.random.default_rng(0).integers(0, 259, 4)]
     assert not np.allclose(np.asarray(prompt["prompt"]), init)  # it moved from its initial value
     assert tuned.generate([ids], max_new_tokens=5).shape == (1, len(ids) + 5)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_head_pruning_equals_zeroing_the_dropped_heads(scan):
+    from jaxlm.compress.prune import head_importance, prune_heads
+    from jaxlm.transformer import params_for, stack_layers
+
+    cfg = ModelConfig.preset("gpt2-tiny", **SMALL, scan_layers=scan)
+    params = _params(cfg)
+    small_cfg, small, chosen = prune_heads(cfg, params, 2)
+    assert (small_cfg.n_heads, small_cfg.head_dim, small_cfg.d_model) == (2, 8, 32)
+    score = head_importance(params)
+    for layer, kept in enumerate(chosen):  # the two most important heads of each layer
+        assert set(kept) == set(np.argsort(-score[layer])[:2])
+    # The same function as the full model with the dropped heads' output projections zeroed.
+    ref = tree.copy_dicts(stack_layers(params))
+    o = np.array(ref["layers"]["blocks"]["attn"]["o"]["kernel"])
+    for layer in range(2):
+        o[layer, [h for h in range(4) if h not in chosen[layer]]] = 0
+    ref["layers"]["blocks"]["attn"]["o"]["kernel"] = jnp.asarray(o)
+    np.testing.assert_allclose(np.asarray(LM(small_cfg, small).logits(IDS)),
+                               np.asarray(LM(cfg, params_for(cfg, ref)).logits(IDS)), atol=1e-5)
+    assert tree.count_params(small) < tree.count_params(params)
+
+
+def test_compress_commands_write_loadable_models(base_run, tmp_path):
+    import subprocess
+    import sys
+
+    root, _ = base_run
+    src = root / "base"
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "jaxlm.cli", *map(str, args)], capture_output=True, text=True)
+
+    ref = jaxlm.load(src)
+    for cmd, extra in [("quantize", []), ("lowrank", ["--rank", "8"]), ("prune", ["--sparsity", "0.5"]),
+                       ("prune", ["--heads", "2"]), ("export", [])]:
+        dst = tmp_path / f"{cmd}{len(extra)}{extra[-1] if extra else ''}"
+        r = run(cmd, src, dst, *extra)
+        assert r.returncode == 0, r.stderr
+        lm = jaxlm.load(dst)
+        assert lm.generate(["def "], max_new_tokens=4)[0] is not None
+        if cmd == "export":
+            np.testing.assert_array_equal(np.asarray(lm.logits(IDS)), np.asarray(ref.logits(IDS)))
+    q = tmp_path / "quantize0"
+    size = lambda d: sum(f.stat().st_size for f in (d / "params").rglob("*") if f.is_file())  # noqa: E731
+    export_size = size(tmp_path / "export0")
+    assert size(q) < 0.45 * export_size  # int8 (small model: norms, biases and scales weigh more)
+    for args, message in [(["prune", src, tmp_path / "x", "--sparsity", "1.5"], r"sparsity=1.5 must be in \[0, 1\)"),
+                          (["lowrank", src, tmp_path / "x", "--rank", "99"], "factor rank 99 is larger than kernel"),
+                          (["lowrank", src, tmp_path / "x", "--rank", "2", "--targets", "up,mlp"],
+                           "factor target 'mlp' matches no kernel")]:
+        r = run(*args)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+        assert message in r.stderr or __import__("re").search(message, r.stderr), r.stderr
+        assert not (tmp_path / "x").exists()

@@ -99,3 +99,53 @@ def measured_sparsity(params, targets=("q", "k", "v", "o", "up", "down")) -> flo
             zeros += int(np.sum(w == 0))
             total += w.size
     return zeros / max(total, 1)
+
+
+# Structured: attention heads -------------------------------------------------------------------
+
+def head_importance(params) -> np.ndarray:
+    """[L, H] importance of each head: ||W_v[:, h]|| * ||W_o[h]|| (Frobenius norms), the size of
+    what the head can write into the residual stream."""
+    from jaxlm.transformer import stack_layers
+
+    attn = stack_layers(params)["layers"]["blocks"]["attn"]
+    v, o = np.asarray(attn["v"]["kernel"]), np.asarray(attn["o"]["kernel"])  # [L, D, H, Dh], [L, H, Dh, D]
+    return np.sqrt((v ** 2).sum(axis=(1, 3))) * np.sqrt((o ** 2).sum(axis=(2, 3)))
+
+
+def prune_heads(config, params, keep: int):
+    """(config with n_heads=keep, params keeping the ``keep`` most important heads of each layer).
+
+    Every layer keeps the same number of heads (layers are stored stacked), chosen per layer by
+    ``head_importance``. Multi-head attention only (no grouped-query kv heads).
+    """
+    from jaxlm.transformer import params_for, stack_layers
+
+    h = config.n_heads
+    if config.kv_heads != h:
+        raise ValueError("head pruning needs multi-head attention (n_kv_heads == n_heads)")
+    if not 1 <= keep <= h:
+        raise ValueError(f"keep={keep} heads must be in [1, {h}]")
+    if config.quantize != "none" or config.lora_rank or config.factor_rank:
+        raise ValueError("prune heads of a plain model (before quantizing, factoring or adding LoRA)")
+    stacked = stack_layers(params)
+    order = np.argsort(-head_importance(stacked), axis=1, kind="stable")[:, :keep]
+    chosen = np.sort(order, axis=1)  # [L, keep], in the original order
+    attn = copy_dicts(stacked["layers"]["blocks"]["attn"])
+
+    def take(x, axis):  # per layer, the chosen heads along ``axis`` (counted after the layers axis)
+        x = np.asarray(x)
+        idx = chosen.reshape(chosen.shape + (1,) * (x.ndim - 2))
+        idx = np.moveaxis(idx, 1, axis + 1) if axis else idx
+        return jnp.asarray(np.take_along_axis(x, np.broadcast_to(idx, x.shape[:axis + 1] + (keep,) + x.shape[axis + 2:]),
+                                              axis=axis + 1))
+
+    for name in ("q", "k", "v"):
+        attn[name]["kernel"] = take(attn[name]["kernel"], 1)  # [L, D, H, Dh]
+        if "bias" in attn[name]:
+            attn[name]["bias"] = take(attn[name]["bias"], 0)  # [L, H, Dh]
+    attn["o"]["kernel"] = take(attn["o"]["kernel"], 0)  # [L, H, Dh, D]
+    out = copy_dicts(stacked)
+    out["layers"]["blocks"]["attn"] = attn
+    new_cfg = config.replace(n_heads=keep, n_kv_heads=None, head_dim=config.dim_per_head)
+    return new_cfg, params_for(new_cfg, out), chosen

@@ -308,6 +308,8 @@ class _Pruner:
         from jaxlm.compress.prune import check_sparsity
 
         check_sparsity(pc.sparsity)
+        if jax.process_count() > 1:  # masks are computed on the host from the gathered weights
+            raise ValueError("prune.sparsity works in single-process runs (one host, any number of devices)")
         self.pc, self.log = pc, log
 
     def level(self, step: int) -> float:

@@ -103,15 +103,16 @@ def loss_sums(model, rows, spec: StepSpec, *, key=None, mask_key=None, teacher=N
     else:
         from jaxlm.compress import distill
 
-        maps_needed = spec.attention_weight > 0
-        h, *maps = model.hidden_states(inputs, key=key, need_probs=maps_needed)
+        if spec.attention_weight > 0:
+            h, maps = model.hidden_states(inputs, key=key, need_probs=True)
+            t_h, t_maps = teacher.hidden_states(inputs, need_probs=True)
+            extra = spec.attention_weight * distill.attention_mse(maps, t_maps, spec.layer_pairs) * weights.sum()
+        else:
+            h, t_h = model.hidden_states(inputs, key=key), teacher.hidden_states(inputs)
         logits = model.head(h)
-        t_h, *t_maps = teacher.hidden_states(inputs, need_probs=maps_needed)
         per_token = distill.token_losses(logits, teacher.head(t_h), targets, temperature=spec.temperature,
                                          alpha=spec.alpha)
         target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-        if maps_needed:
-            extra = spec.attention_weight * distill.attention_mse(maps[0], t_maps[0], spec.layer_pairs) * weights.sum()
     correct = (target_logit >= jax.lax.stop_gradient(logits.max(-1))).astype(jnp.float32)
     return (per_token * weights).sum() + extra, weights.sum(), (correct * weights).sum()
 

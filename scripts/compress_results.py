@@ -163,6 +163,10 @@ def main():
         "lowrank64", lambda c, p: factorize(c, p, targets="up,down", rank=64))))
     rows.append(measure("50% pruned, one shot", transform(
         "pruned50", lambda c, p: (c, apply_masks(p, magnitude_masks(p, 0.5))))))
+    # Control for the fine-tuned rows: the same 100 extra steps without compression.
+    run_train(RUNS / "teacher_ft", [f"adapt.init={RUNS / 'teacher'}", "train.steps=100", "optim.lr=5e-4",
+                                    "optim.warmup_steps=10"])
+    rows.append(measure("teacher + 100 steps (control)", RUNS / "teacher_ft"))
     run_train(RUNS / "pruned50_ft", [f"adapt.init={RUNS / 'teacher'}", "prune.sparsity=0.5", "prune.end=50",
                                       "prune.every=10", "train.steps=100", "optim.lr=5e-4", "optim.warmup_steps=10"])
     rows.append(measure("50% pruned, gradual + 100 steps", RUNS / "pruned50_ft"))

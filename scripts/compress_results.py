@@ -46,7 +46,7 @@ TEACHER = ROOT / "runs" / "teacher"
 PROMPTS = ["def ", "import os\n", "class ", "    return ", "if __name__", "from typing import",
            "# ", "    def __init__(self", "for i in range(", "raise ValueError("]
 STUDENT = ["model.d_model=128", "model.n_layers=4", "model.n_heads=4", "train.steps=300"]
-DOMAIN = ["data.path=" + str(stdlib_dir() / "idlelib"), "data.val_fraction=0.2"]
+DOMAIN = ["data.path=" + str(stdlib_dir() / "idlelib" / "**" / "*.py"), "data.val_fraction=0.2"]
 
 
 def log(msg):
@@ -180,8 +180,10 @@ def main():
                                     "distill.temperature=2", "distill.alpha=0.5"])
     rows.append(measure("same student, distilled", RUNS / "student_kd"))
 
-    adapt = [measure("teacher on idlelib (no adaptation)", RUNS / "teacher", data=DOMAIN)]
-    common = [*DOMAIN, f"adapt.init={RUNS / 'teacher'}", "train.steps=100", "optim.warmup_steps=10"]
+    # 108 bytes of text per row: a 20-vector soft prompt fits the 128-position context beside it.
+    domain = [*DOMAIN, "data.seq_len=108"]
+    adapt = [measure("teacher on idlelib (no adaptation)", RUNS / "teacher", data=domain)]
+    common = [*domain, f"adapt.init={RUNS / 'teacher'}", "train.steps=100", "optim.warmup_steps=10"]
     for name, method, lr, trained in [("LoRA r8 q,v", "lora", "3e-3", None), ("prompt tuning, 20 vectors", "prompt", "3e-2", None),
                                       ("full fine-tuning", "full", "5e-4", None)]:
         work = RUNS / f"idlelib_{method}"
@@ -191,7 +193,7 @@ def main():
         from jaxlm.train import trainable_filter
 
         n_trained = tree.count_params(tree.split(lm.params, trainable_filter(method))[0])
-        adapt.append(measure(f"{name}, 100 steps", work, data=DOMAIN, trained=n_trained))
+        adapt.append(measure(f"{name}, 100 steps", work, data=domain, trained=n_trained))
 
     task = RUNS / "package_task"
     info = package_task(task)

@@ -91,15 +91,16 @@ def speeds(paths: dict) -> dict:
         lm = jaxlm.load(path)
         no_eos = LM(lm.config.replace(eos_token_id=None), lm.params)  # no tokenizer: no EOS either
         prompt = [lm.tokenizer.encode("def ")]
-        no_eos.generate(prompt, max_new_tokens=NEW_TOKENS)  # compile
-        models[name] = (no_eos, prompt)
+        new = min(NEW_TOKENS, lm.config.context - len(prompt[0]))  # a soft prompt takes 20 positions
+        no_eos.generate(prompt, max_new_tokens=new)  # compile
+        models[name] = (no_eos, prompt, new)
     times = {name: [] for name in models}
     for _ in range(7):
-        for name, (lm, prompt) in models.items():
+        for name, (lm, prompt, new) in models.items():
             t = time.perf_counter()
-            lm.generate(prompt, max_new_tokens=NEW_TOKENS)
+            lm.generate(prompt, max_new_tokens=new)
             times[name].append(time.perf_counter() - t)
-    return {name: NEW_TOKENS / statistics.median(t) for name, t in times.items()}
+    return {name: models[name][2] / statistics.median(t) for name, t in times.items()}
 
 
 def measure(name, path, *, data=(), trained=None, extra=None):

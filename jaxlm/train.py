@@ -221,7 +221,8 @@ def _tokenizer(data_cfg):
 
 def check_seq_len(seq_len: int, max_len: int) -> None:
     if seq_len > max_len:
-        raise ValueError(f"data.seq_len={seq_len} exceeds the model's context (model.max_len={max_len})")
+        raise ValueError(f"data.seq_len={seq_len} exceeds the model's context of {max_len} tokens "
+                         "(model.max_len, less model.prompt_length with a soft prompt)")
 
 
 def tokenizer_tag(tok) -> str:

@@ -177,6 +177,8 @@ def test_gpt_learns_and_generates(corpus, tmp_path):
     (["train.stepz=3"], r"unknown config key train.stepz \(did you mean 'train.steps'\?\)"),
     (["model.n_layer=3"], r"unknown config key model.n_layer \(did you mean 'model.n_layers'\?\)"),
     (["optim.grad_accum=3"], "data.batch_size=8 is not divisible by optim.grad_accum=3"),
+    (["data.seq_len=40"], r"data.seq_len=40 exceeds the model's context of 32 tokens \(model.max_len, less"),
+    (["model.prompt_length=4"], "data.seq_len=32 exceeds the model's context of 28 tokens"),
 ])
 def test_bad_input_one_line(corpus, tmp_path, extra, message):
     proc = run_cli(args(corpus, tmp_path / "w", *extra))

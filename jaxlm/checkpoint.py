@@ -7,6 +7,7 @@ once complete, so a failure never leaves a half-written destination or touches a
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -146,9 +147,7 @@ def load_model(path, sharding=None):
 
 # Training checkpoints ---------------------------------------------------------------------------
 
-_ARRAY_HANDLER_SET = []
-
-
+@functools.cache
 def _small_arrays_whole() -> None:
     """Save arrays under 1 MiB per replica whole, from one replica.
 
@@ -157,8 +156,6 @@ def _small_arrays_whole() -> None:
     tiny model on 8 devices, for arrays (norms, biases, counters) too small to gain anything.
     Larger arrays are still written in parallel by their replicas.
     """
-    if _ARRAY_HANDLER_SET:
-        return
     from orbax.checkpoint import type_handlers
     from orbax.checkpoint._src.metadata import array_metadata_store
 
@@ -173,7 +170,6 @@ def _small_arrays_whole() -> None:
             override=True)
     finally:
         absl_logger.setLevel(level)
-    _ARRAY_HANDLER_SET.append(True)
 
 
 class TrainCheckpoints:

@@ -41,6 +41,18 @@ def hf_dir(tmp_path_factory):
     return make
 
 
+def stdlib_slice(root, n=30):
+    """ROOT/text holding the first n top-level .py files of the standard library (a small corpus)."""
+    import shutil
+
+    from jaxlm.data import stdlib_dir
+
+    (root / "text").mkdir()
+    for f in sorted(stdlib_dir().glob("*.py"))[:n]:
+        shutil.copy(f, root / "text" / f.name)
+    return root
+
+
 def ragged_batch(vocab, lengths, total=None, seed=0, left=False):
     """Token ids [B, T] and a padding mask for rows of the given lengths (right padding by default)."""
     rng = np.random.RandomState(seed)

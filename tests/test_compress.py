@@ -123,15 +123,10 @@ def test_bad_sparsity():
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory):
     """A tiny GPT trained for a few steps on a slice of the default corpus: the model to adapt."""
-    import shutil
-
-    from jaxlm.data import stdlib_dir
+    from conftest import stdlib_slice
     from jaxlm.train import train
 
-    root = tmp_path_factory.mktemp("compress")
-    (root / "text").mkdir()
-    for f in sorted(stdlib_dir().glob("*.py"))[:30]:
-        shutil.copy(f, root / "text" / f.name)
+    root = stdlib_slice(tmp_path_factory.mktemp("compress"))
     args = ["model.vocab_size=259", "model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.max_len=64",
             "model.dropout=0", "model.attention_dropout=0", "model.scan_layers=false", "data.seq_len=32",
             "data.batch_size=8", f"data.path={root / 'text'}", f"data.data_dir={root / 'cache'}",

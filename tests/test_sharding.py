@@ -11,7 +11,7 @@ from jaxlm import ModelConfig, build_model
 from jaxlm.config import MeshConfig
 from jaxlm.sharding import batch_sharding, make_mesh, mesh_shape, param_shardings
 
-from conftest import ragged_batch
+from conftest import ragged_batch, stdlib_slice
 
 SMALL = dict(vocab_size=96, max_len=32, d_model=32, n_layers=2, n_heads=4, init_std=0.2)
 
@@ -73,15 +73,7 @@ def test_fsdp8_largest_shard_is_an_eighth():
 
 @pytest.fixture(scope="module")
 def small_corpus(tmp_path_factory):
-    import shutil
-
-    from jaxlm.data import stdlib_dir
-
-    root = tmp_path_factory.mktemp("corpus")
-    (root / "text").mkdir()
-    for f in sorted(stdlib_dir().glob("*.py"))[:30]:
-        shutil.copy(f, root / "text" / f.name)
-    return root
+    return stdlib_slice(tmp_path_factory.mktemp("corpus"))
 
 
 @pytest.mark.parametrize("preset, objective", [("gpt2-tiny", "clm"), ("bert-tiny", "mlm")])

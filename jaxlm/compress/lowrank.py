@@ -14,7 +14,7 @@ import numpy as np
 from jaxlm.compress.tree import block_kernels, copy_dicts
 
 
-def _matrices(node, path, n_in, is_stacked):
+def _matrices(node, n_in, is_stacked):
     w = np.asarray(node["kernel"], np.float32)
     if not is_stacked:
         w = w[None]
@@ -37,8 +37,8 @@ def factorize(config, params, *, targets, rank: int | None = None, energy: float
     svds = []
     for path, node in block_kernels(params):
         if path[-1] in targets:
-            st = is_stacked_path(node, path)
-            w = _matrices(node, path, n_in.get(path[-1], 1), st)
+            st = is_stacked_path(path)
+            w = _matrices(node, n_in.get(path[-1], 1), st)
             u, s, vt = np.linalg.svd(w, full_matrices=False)  # batched over layers
             svds.append((path, node, st, u, s, vt))
     if energy is not None:

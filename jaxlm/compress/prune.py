@@ -25,7 +25,7 @@ def _kernel_layers(params, targets):
     for path, node in block_kernels(params):
         if path[-1] in targets and "kernel" in node:
             w = np.asarray(node["kernel"])
-            st = stacked(node, path)
+            st = stacked(path)
             out.append((path, [w[i] for i in range(w.shape[0])] if st else [w], st))
     return out
 

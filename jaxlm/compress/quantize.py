@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm.compress.tree import copy_dicts, walk
+from jaxlm.compress.tree import copy_dicts, stacked, walk
 
 
 def quantize_array(w, axes):
@@ -54,7 +54,7 @@ def quantize_int8(config, params):
                 if name == "embedding":
                     axes = (w.ndim - 1,)
                 else:
-                    lead = 1 if _has_layers_axis(path) else 0
+                    lead = 1 if "blocks" in path and stacked(path) else 0
                     axes = tuple(range(lead, w.ndim - (n_out - lead)))
                 q, s = quantize_array(w, axes)
                 node[name], node["scale"] = jnp.asarray(q), jnp.asarray(s)
@@ -68,6 +68,3 @@ def _node(tree, path):
         tree = tree[k]
     return tree if isinstance(tree, dict) else None
 
-
-def _has_layers_axis(path) -> bool:
-    return "blocks" in path and not isinstance(path[path.index("blocks") + 1], int)

@@ -82,7 +82,7 @@ def block_kernels(tree: dict):
             yield path, node
 
 
-def stacked(node_kernel, path) -> bool:
-    """Whether a block kernel carries a leading layers axis (scan layout)."""
+def stacked(path) -> bool:
+    """Whether a block parameter at ``path`` carries a leading layers axis (scan layout)."""
     i = path.index("blocks")
     return not isinstance(path[i + 1], int)

@@ -1,4 +1,4 @@
-"""The public Python surface: ``jaxlm.load(path) -> LM``."""
+"""The public Python surface: ``jaxlm.load(path) -> LM`` (``io.read_model`` + ``LM``)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxlm.config import ModelConfig
+from jaxlm.classify import ClassRows
+from jaxlm.config import RUNTIME_FIELDS, MeshConfig, ModelConfig
+from jaxlm.generate import Sampling, check_request, generate_ids
+from jaxlm.io import read_model, save_model
+from jaxlm.sharding import check_model_fits, make_mesh, param_shardings
 from jaxlm.transformer import abstract_model, params_for
 
 
@@ -27,13 +31,10 @@ class LM:
     """A loaded model: ``config``, ``tokenizer`` (or None) and ``params`` (a pure dict of arrays)."""
 
     def __init__(self, config: ModelConfig, params, tokenizer=None, *, mesh=None):
-        from jaxlm.config import MeshConfig
-        from jaxlm.sharding import check_model_fits, make_mesh, param_shardings
-
         self.config = config
         self.params = params_for(config, params)
         self.tokenizer = tokenizer
-        self._graphdef = nnx.graphdef(abstract_model(config))
+        self.graphdef = nnx.graphdef(abstract_model(config))  # the module structure, static under jit
         if isinstance(mesh, MeshConfig):
             mesh = make_mesh(mesh)
         self.mesh = mesh  # None: one device
@@ -50,7 +51,7 @@ class LM:
 
     def model(self):
         """The Flax NNX module holding these parameters (for custom use)."""
-        return nnx.merge(self._graphdef, self.params)
+        return nnx.merge(self.graphdef, self.params)
 
     def _inputs(self, input_ids, attention_mask, token_type_ids):
         ids = np.asarray(input_ids)
@@ -71,13 +72,11 @@ class LM:
     def logits(self, input_ids, attention_mask=None, token_type_ids=None):
         """Float32 logits: [B, T, V] next-token (decoder) or MLM (encoder); [B, C] for classifiers."""
         with self._on_mesh():
-            return _apply(self._graphdef, self.params, *self._inputs(input_ids, attention_mask, token_type_ids),
+            return _apply(self.graphdef, self.params, *self._inputs(input_ids, attention_mask, token_type_ids),
                           "logits")
 
     def classify(self, texts) -> list[str]:
         """The predicted class name of each text (head="classify" models)."""
-        from jaxlm.classify import ClassRows
-
         if self.config.head != "classify":
             raise ValueError(f"classify() needs a classification head; this model's head is {self.config.head!r}")
         if self.tokenizer is None:
@@ -90,7 +89,7 @@ class LM:
     def hidden_states(self, input_ids, attention_mask=None, token_type_ids=None):
         """Final hidden states [B, T, D] (HF's last_hidden_state)."""
         with self._on_mesh():
-            return _apply(self._graphdef, self.params, *self._inputs(input_ids, attention_mask, token_type_ids),
+            return _apply(self.graphdef, self.params, *self._inputs(input_ids, attention_mask, token_type_ids),
                           "hidden")
 
     def generate(self, prompts, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
@@ -105,8 +104,6 @@ class LM:
         temperature 0 is greedy; the same seed gives the same output.
         ``on_token(step, token_ids[B * n])`` is called as each token is produced (streaming).
         """
-        from jaxlm.generate import Sampling, generate_ids
-
         cfg = self.config
         if not cfg.causal:
             raise ValueError(f"generate() needs a decoder model; {cfg.name!r} is an {cfg.arch}")
@@ -127,21 +124,17 @@ class LM:
         for i, r in enumerate(rows):
             if not r:
                 raise ValueError(f"prompt {i} is empty: give at least one token")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
-        if num_return_sequences < 1:
-            raise ValueError(f"num_return_sequences={num_return_sequences} must be >= 1")
+        sampling = Sampling(float(temperature), int(top_k), float(top_p))
+        check_request(max_new_tokens, num_return_sequences, sampling, cfg.vocab_size)
         longest = max(len(r) for r in rows)
         if longest + max_new_tokens > cfg.context:
             raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the "
                              f"model's context of {cfg.context} tokens")
-        sampling = Sampling(float(temperature), int(top_k), float(top_p))
-        sampling.check(cfg.vocab_size)
         tok = self.tokenizer
-        eos = cfg.eos_token_id if cfg.eos_token_id is not None else getattr(tok, "eos_id", None)
+        eos = cfg.eos_token_id if cfg.eos_token_id is not None else (tok.eos_id if tok is not None else None)
         pad = next(i for i in (cfg.pad_token_id, eos, 0) if i is not None)
         with self._on_mesh():
-            new = generate_ids(self._graphdef, self.params, cfg, rows, max_new_tokens=max_new_tokens,
+            new = generate_ids(self.graphdef, self.params, cfg, rows, max_new_tokens=max_new_tokens,
                                sampling=sampling, seed=seed, num_return_sequences=num_return_sequences,
                                eos_id=eos, pad_id=pad, on_token=on_token)
         if not texts:
@@ -168,7 +161,7 @@ class LM:
     def continuation(self, new_ids, stop=None) -> tuple[str, list[int]]:
         """(text, ids) of generated ids cut before EOS, the text also before the first stop string."""
         ids = [int(i) for i in new_ids]
-        eos = self.config.eos_token_id if self.config.eos_token_id is not None else getattr(self.tokenizer, "eos_id", None)
+        eos = self.config.eos_token_id if self.config.eos_token_id is not None else self.tokenizer.eos_id
         if eos is not None and eos in ids:
             ids = ids[:ids.index(eos)]
         text = self.tokenizer.decode(ids)
@@ -179,12 +172,7 @@ class LM:
 
     def save(self, path, *, overwrite: bool = False) -> Path:
         """Write a jaxlm model directory (config.json, params/, tokenizer files)."""
-        from jaxlm.checkpoint import save_model
-
         return save_model(path, self.config, self.params, self.tokenizer, overwrite=overwrite)
-
-
-RUNTIME_FIELDS = {"dtype", "scan_layers", "remat", "attention_impl"}
 
 
 def load(path, *, mesh=None, **config_overrides) -> LM:
@@ -194,29 +182,12 @@ def load(path, *, mesh=None, **config_overrides) -> LM:
     ``mesh`` (a ``MeshConfig`` or a ``jax.sharding.Mesh``) spreads the parameters over devices by
     the logical-axis rules, e.g. ``mesh=MeshConfig(data=1, tensor=4)`` for tensor-parallel
     generation; None keeps them on one device. ``config_overrides`` change how the model is
-    computed (e.g. ``dtype="bfloat16"``), never its shape. Layers run unrolled by default
-    (``scan_layers=False``): faster decoding, slower first compile; pass ``scan_layers=True`` for
-    the opposite.
+    computed (the runtime fields: dtype, scan_layers, remat, attention_impl), never its shape.
+    Layers run unrolled by default (``scan_layers=False``): faster decoding, slower first compile;
+    pass ``scan_layers=True`` for the opposite.
     """
-    config_overrides = {"scan_layers": False, **config_overrides}
-    from jaxlm.checkpoint import is_model_dir, is_workdir, load_model, load_workdir
-    from jaxlm.convert import hf_to_params, is_hf_dir, local_dir
-    from jaxlm.tokenizer import load_tokenizer
-
-    d = local_dir(path)
-    if is_model_dir(d):
-        config, params, tokenizer = load_model(d)
-    elif is_workdir(d):
-        config, params, tokenizer = load_workdir(d)
-    elif is_hf_dir(d):
-        config, params = hf_to_params(d)
-        params = jax.tree.map(jnp.asarray, params)
-        tokenizer = load_tokenizer(d)
-    else:
-        raise ValueError(f"{path} holds no model: expected the config.json of a jaxlm or Hugging Face model")
-    bad = sorted(set(config_overrides) - RUNTIME_FIELDS)
+    bad = sorted(set(config_overrides) - set(RUNTIME_FIELDS))
     if bad:
         raise ValueError(f"load() can override only {', '.join(sorted(RUNTIME_FIELDS))}; got {bad[0]!r}")
-    if config_overrides:
-        config = config.replace(**config_overrides)
-    return LM(config, params, tokenizer, mesh=mesh)
+    config, params, tokenizer = read_model(path)
+    return LM(config.replace(**{"scan_layers": False, **config_overrides}), params, tokenizer, mesh=mesh)

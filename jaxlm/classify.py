@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import csv
 import json
-import zlib
 from pathlib import Path
 
 import numpy as np
+
+from jaxlm.data import default_corpus_files, in_validation, stdlib_dir
 
 SUFFIXES = (".jsonl", ".json", ".csv")
 
@@ -44,7 +45,7 @@ def _read_file(path: Path, text_key: str, label_key: str) -> list[tuple[str, obj
 def read_examples(data_cfg, split: str) -> list[tuple[str, object]]:
     """(text, label) pairs of a split; see the module docstring for the sources."""
     if data_cfg.tfds_name:
-        import tensorflow_datasets as tfds
+        import tensorflow_datasets as tfds  # lazy: ~0.3 s, only for catalog datasets
 
         src = tfds.data_source(data_cfg.tfds_name, split=split, data_dir=data_cfg.data_dir, download=False)
         return [(_text(src[i][data_cfg.text_key]), _label(src[i][data_cfg.label_key])) for i in range(len(src))]
@@ -62,9 +63,8 @@ def read_examples(data_cfg, split: str) -> list[tuple[str, object]]:
     if p.suffix not in SUFFIXES:
         raise ValueError(f"data.path={p}: labeled data must be .jsonl or .csv")
     rows = _read_file(p, data_cfg.text_key, data_cfg.label_key)
-    # One file: a deterministic split by a hash of the text.
-    val = [zlib.crc32(t.encode()) % 10_000 < data_cfg.val_fraction * 10_000 for t, _ in rows]
-    return [r for r, v in zip(rows, val) if v == (split == "validation")]
+    # One file: the split by a hash of the text.
+    return [r for r in rows if in_validation(r[0], data_cfg.val_fraction) == (split == "validation")]
 
 
 def _text(v) -> str:
@@ -93,7 +93,7 @@ class ClassRows:
         self.ids = np.full((n, seq_len), tokenizer.pad_id if tokenizer.pad_id is not None else 0, np.int32)
         self.mask = np.zeros((n, seq_len), bool)
         self.labels = np.zeros(n, np.int32)
-        cls = getattr(tokenizer, "cls_id", None)
+        cls = tokenizer.cls_id
         for i, (text, label) in enumerate(examples):
             if str(label) not in index:
                 raise ValueError(f"label {label!r} is not among the training labels ({', '.join(names)})")
@@ -127,8 +127,6 @@ def package_task(out_dir, *, packages=("asyncio", "ctypes", "distutils", "email"
     """Write OUT/train.jsonl and OUT/validation.jsonl: pieces of the standard library's source
     labeled with their top-level package, split by file (validation files are unseen).
     Returns {"train": n, "validation": n, "labels": [...]}."""
-    from jaxlm.data import default_corpus_files, stdlib_dir
-
     root = stdlib_dir()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -138,7 +136,7 @@ def package_task(out_dir, *, packages=("asyncio", "ctypes", "distutils", "email"
         if len(rel.parts) < 2 or rel.parts[0] not in packages:
             continue
         text = f.read_text(encoding="utf-8", errors="replace")
-        split = "validation" if zlib.crc32(str(rel).encode()) % 10_000 < val_fraction * 10_000 else "train"
+        split = "validation" if in_validation(str(rel), val_fraction) else "train"
         for k in range(chunks_per_file):
             piece = text[k * chunk_chars:(k + 1) * chunk_chars]
             if len(piece.strip()) < chunk_chars // 4:

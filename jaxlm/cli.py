@@ -13,7 +13,8 @@ def _log(msg: str) -> None:
 
 
 def cmd_convert(args) -> int:
-    from jaxlm.convert import convert, local_dir
+    from jaxlm.io.hf import convert
+    from jaxlm.io.hub import local_dir
 
     t0 = time.perf_counter()
     convert(local_dir(args.src), args.dst, overwrite=args.overwrite, log=_log)
@@ -25,8 +26,12 @@ def cmd_generate(args) -> int:
     import json
 
     import jaxlm
+    from jaxlm.generate import Sampling, check_request
 
-    lm = jaxlm.load(args.model, mesh=_mesh_overrides("generate", args.overrides))
+    mesh = _mesh_overrides("generate", args.overrides)
+    # Bad settings fail at once, not after loading the model.
+    check_request(args.max_new_tokens, args.num_return_sequences, Sampling(args.temperature, args.top_k, args.top_p))
+    lm = jaxlm.load(args.model, mesh=mesh)
     if lm.tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer files; use the Python API with token ids")
     rows = [lm.tokenizer.encode(p, add_special_tokens=False) for p in args.prompt]
@@ -84,9 +89,8 @@ class _TextStream:
 
 def cmd_train(args) -> int:
     from jaxlm.config import load_config
-    from jaxlm.train import train
-
     from jaxlm.distributed import initialize
+    from jaxlm.train import train
 
     config = args.config
     if config is None and Path(DEFAULT_CONFIG).is_file():
@@ -118,8 +122,8 @@ def _transform(args, fn, what: str) -> int:
     """Load SRC, apply ``fn(config, params) -> (config, params)``, save DST; print the sizes."""
     import jaxlm
     from jaxlm.api import LM
-    from jaxlm.checkpoint import check_destination
     from jaxlm.compress import count_params, nbytes
+    from jaxlm.io import check_destination
 
     check_destination(args.dst, overwrite=args.overwrite)  # before any work
     t0 = time.perf_counter()
@@ -157,7 +161,7 @@ def cmd_lowrank(args) -> int:
 
 
 def cmd_prune(args) -> int:
-    from jaxlm.compress.prune import apply_masks, check_sparsity, magnitude_masks, measured_sparsity
+    from jaxlm.compress.prune import apply_masks, check_sparsity, magnitude_masks, measured_sparsity, prune_heads
 
     if (args.sparsity is None) == (args.heads is None):
         raise ValueError("give --sparsity S (weights) or --heads K (attention heads kept per layer)")
@@ -166,8 +170,6 @@ def cmd_prune(args) -> int:
 
     def fn(config, params):
         if args.heads is not None:
-            from jaxlm.compress.prune import prune_heads
-
             config, params, chosen = prune_heads(config, params, args.heads)
             _log(f"kept heads per layer: {'; '.join(','.join(map(str, c)) for c in chosen.tolist())}")
             return config, params

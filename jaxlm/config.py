@@ -9,7 +9,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import re
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 BLOCK_KERNELS = ("q", "k", "v", "o", "up", "down")
 
@@ -32,59 +36,75 @@ def closest(name: str, allowed) -> str:
     return f" (did you mean {match[0]!r}?)" if match else ""
 
 
+# What each ModelConfig field means, declared once (in the field's metadata); every check that
+# compares configs derives its field list from these kinds:
+#   shape     which parameters exist and their shapes (a checkpoint fits only the same values)
+#   function  what the model computes from the same parameters (activation, norm details, RoPE base)
+#   adapter   adaptation / compression: adapters, factors, int8 kernels, a soft prompt
+#   tokens    special token ids and class names: how text maps onto the model, not its weights
+#   training  active only while training (dropout); a fine-tuning run sets them for itself
+#   init      how fresh parameters are drawn
+#   runtime   how the model is computed, never what (beyond floating-point rounding of dtype)
+#   name      a label
+# ``layout=True`` marks the runtime field that also decides how parameters are stored in training
+# checkpoints (stacked or per layer), so a resumed run must keep it.
+FIELD_KINDS = ("shape", "function", "adapter", "tokens", "training", "init", "runtime", "name")
+
+
+def _field(default, kind: str, *, layout: bool = False):
+    return dataclasses.field(default=default, metadata={"kind": kind, "layout": layout})
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Shape and behaviour of one Transformer language model.
+    """Shape and behaviour of one Transformer language model. Each field declares its kind
+    (``FIELD_KINDS``); ``fields_of(kind, ...)`` lists the fields of some kinds."""
 
-    The last block of fields (dtype, scan_layers, remat, attention_impl) choose how the model is
-    computed and never change what it computes (beyond floating-point rounding of ``dtype``).
-    """
-
-    name: str = "custom"
-    arch: str = "decoder"  # decoder: causal (GPT); encoder: bidirectional (BERT)
-    vocab_size: int = 50257
-    max_len: int = 1024  # context length (number of learned positions)
-    d_model: int = 768
-    n_layers: int = 12
-    n_heads: int = 12
-    n_kv_heads: int | None = None  # grouped-query attention; None = n_heads
-    head_dim: int | None = None  # None = d_model // n_heads
-    d_ff: int | None = None  # None = 4 * d_model
-    activation: str = "gelu_tanh"
-    norm: str = "layernorm"
-    norm_eps: float = 1e-5
-    norm_position: str = "pre"  # pre: x + f(norm(x)) (GPT-2); post: norm(x + f(x)) (BERT)
-    embed_norm: bool = False  # normalise the summed embeddings (BERT)
-    final_norm: bool = True  # norm after the last block (pre-LN models)
-    positions: str = "learned"
-    rope_theta: float = 10000.0
-    type_vocab_size: int = 0  # token-type (segment) embeddings; 0 = none
-    use_bias: bool = True
-    tie_embeddings: bool = True  # LM / MLM decoder shares the token embedding matrix
-    head: str = "lm"
-    pooler: bool = False  # dense + tanh on the first token (BERT)
-    num_labels: int = 2
-    label_names: tuple[str, ...] = ()  # head="classify": the class of each output, if known
-    dropout: float = 0.1
-    attention_dropout: float = 0.1
-    init_std: float = 0.02
-    pad_token_id: int | None = None
-    bos_token_id: int | None = None
-    eos_token_id: int | None = None
+    name: str = _field("custom", "name")
+    arch: str = _field("decoder", "shape")  # decoder: causal (GPT); encoder: bidirectional (BERT)
+    vocab_size: int = _field(50257, "shape")
+    max_len: int = _field(1024, "shape")  # context length (number of learned positions)
+    d_model: int = _field(768, "shape")
+    n_layers: int = _field(12, "shape")
+    n_heads: int = _field(12, "shape")
+    n_kv_heads: int | None = _field(None, "shape")  # grouped-query attention; None = n_heads
+    head_dim: int | None = _field(None, "shape")  # None = d_model // n_heads
+    d_ff: int | None = _field(None, "shape")  # None = 4 * d_model
+    activation: str = _field("gelu_tanh", "function")
+    norm: str = _field("layernorm", "shape")  # rmsnorm has no bias
+    norm_eps: float = _field(1e-5, "function")
+    norm_position: str = _field("pre", "function")  # pre: x + f(norm(x)) (GPT-2); post: norm(x + f(x)) (BERT)
+    embed_norm: bool = _field(False, "shape")  # normalise the summed embeddings (BERT)
+    final_norm: bool = _field(True, "shape")  # norm after the last block (pre-LN models)
+    positions: str = _field("learned", "shape")
+    rope_theta: float = _field(10000.0, "function")
+    type_vocab_size: int = _field(0, "shape")  # token-type (segment) embeddings; 0 = none
+    use_bias: bool = _field(True, "shape")
+    tie_embeddings: bool = _field(True, "shape")  # LM / MLM decoder shares the token embedding matrix
+    head: str = _field("lm", "shape")
+    pooler: bool = _field(False, "shape")  # dense + tanh on the first token (BERT)
+    num_labels: int = _field(2, "shape")
+    label_names: tuple[str, ...] = _field((), "tokens")  # head="classify": the class of each output, if known
+    dropout: float = _field(0.1, "training")
+    attention_dropout: float = _field(0.1, "training")
+    init_std: float = _field(0.02, "init")
+    pad_token_id: int | None = _field(None, "tokens")
+    bos_token_id: int | None = _field(None, "tokens")
+    eos_token_id: int | None = _field(None, "tokens")
     # Adaptation and compression (each changes which parameters exist; see jaxlm/compress/).
     # Targets name the kernels of every block: q, k, v, o (attention), up, down (MLP).
-    lora_rank: int = 0  # LoRA adapters of this rank beside the lora_targets kernels; 0 = none
-    lora_alpha: float = 16.0  # the adapters' output is scaled by lora_alpha / lora_rank
-    lora_targets: tuple[str, ...] = ("q", "v")
-    factor_rank: int = 0  # factor_targets kernels stored as two rank-r factors; 0 = full
-    factor_targets: tuple[str, ...] = ()
-    quantize: str = "none"  # int8: weight-only int8 kernels and embeddings, per-channel scales
-    prompt_length: int = 0  # trainable soft-prompt vectors before every input (prompt tuning); 0 = none
+    lora_rank: int = _field(0, "adapter")  # LoRA adapters of this rank beside the lora_targets kernels; 0 = none
+    lora_alpha: float = _field(16.0, "adapter")  # the adapters' output is scaled by lora_alpha / lora_rank
+    lora_targets: tuple[str, ...] = _field(("q", "v"), "adapter")
+    factor_rank: int = _field(0, "adapter")  # factor_targets kernels stored as two rank-r factors; 0 = full
+    factor_targets: tuple[str, ...] = _field((), "adapter")
+    quantize: str = _field("none", "adapter")  # int8: weight-only int8 kernels and embeddings, per-channel scales
+    prompt_length: int = _field(0, "adapter")  # trainable soft-prompt vectors before every input; 0 = none
     # How to compute (results unchanged):
-    dtype: str = "float32"
-    scan_layers: bool = True
-    remat: bool = False
-    attention_impl: str = "xla"
+    dtype: str = _field("float32", "runtime")
+    scan_layers: bool = _field(True, "runtime", layout=True)
+    remat: bool = _field(False, "runtime")
+    attention_impl: str = _field("xla", "runtime")
 
     def __post_init__(self):
         for field in ("lora_targets", "factor_targets", "label_names"):  # YAML / JSON lists or "q,v" strings
@@ -192,123 +212,28 @@ class ModelConfig:
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 
-    @classmethod
-    def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
-        """Build from a Hugging Face ``config.json`` dict (GPT-2 and BERT families)."""
-        model_type = hf.get("model_type")
-        supported = [a for v in HF_ARCHITECTURES.values() for a in v]
-        archs = hf.get("architectures") or list(HF_ARCHITECTURES.get(model_type, ["?"]))[:1]
-        arch = archs[0]
-        if model_type not in HF_ARCHITECTURES or arch not in HF_ARCHITECTURES[model_type]:
-            raise ValueError(f"unsupported architecture {arch} (model_type {model_type!r}); "
-                             f"supported: {', '.join(supported)}")
-        return _FROM_HF[model_type](hf, arch)
-
-    def to_hf(self) -> dict[str, Any]:
-        """The Hugging Face ``config.json`` dict of this model (GPT-2 and BERT shapes)."""
-        if self.arch == "decoder":
-            if (self.positions, self.norm, self.norm_position) != ("learned", "layernorm", "pre"):
-                raise ValueError(f"model {self.name!r} has no GPT-2 equivalent in transformers")
-            return {
-                "model_type": "gpt2",
-                "architectures": ["GPT2LMHeadModel"],
-                "vocab_size": self.vocab_size, "n_positions": self.max_len, "n_embd": self.d_model,
-                "n_layer": self.n_layers, "n_head": self.n_heads, "n_inner": self.mlp_dim,
-                "activation_function": _ACT_TO_HF[self.activation],
-                "layer_norm_epsilon": self.norm_eps, "initializer_range": self.init_std,
-                "resid_pdrop": self.dropout, "embd_pdrop": self.dropout,
-                "attn_pdrop": self.attention_dropout, "tie_word_embeddings": self.tie_embeddings,
-                "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id,
-                "pad_token_id": self.pad_token_id,
-            }
-        arch = {"mlm": "BertForMaskedLM", "classify": "BertForSequenceClassification"}.get(
-            self.head, "BertModel")
-        out = {
-            "model_type": "bert", "architectures": [arch],
-            "vocab_size": self.vocab_size, "hidden_size": self.d_model,
-            "num_hidden_layers": self.n_layers, "num_attention_heads": self.n_heads,
-            "intermediate_size": self.mlp_dim, "hidden_act": _ACT_TO_HF[self.activation],
-            "max_position_embeddings": self.max_len, "type_vocab_size": self.type_vocab_size,
-            "layer_norm_eps": self.norm_eps, "initializer_range": self.init_std,
-            "hidden_dropout_prob": self.dropout,
-            "attention_probs_dropout_prob": self.attention_dropout,
-            "pad_token_id": self.pad_token_id, "tie_word_embeddings": self.tie_embeddings,
-        }
-        if self.head == "classify":
-            out["id2label"] = {str(i): f"LABEL_{i}" for i in range(self.num_labels)}
-        return out
-
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
-
-HF_ARCHITECTURES = {
-    "gpt2": ("GPT2LMHeadModel", "GPT2Model"),
-    "bert": ("BertModel", "BertForMaskedLM", "BertForSequenceClassification"),
-}
-
-_ACT_FROM_HF = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu",
-                "relu": "relu", "silu": "silu", "swish": "silu"}
-_ACT_TO_HF = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu"}
+    def first_difference(self, other: "ModelConfig", fields) -> str | None:
+        """The first of ``fields`` whose value differs between the two configs, or None."""
+        return next((f for f in fields if getattr(self, f) != getattr(other, f)), None)
 
 
-def _hf_act(name: str) -> str:
-    if name not in _ACT_FROM_HF:
-        raise ValueError(f"unsupported activation {name!r}; supported: {', '.join(_ACT_FROM_HF)}")
-    return _ACT_FROM_HF[name]
+def fields_of(*kinds: str) -> tuple[str, ...]:
+    """The ModelConfig fields of the given kinds (see ``FIELD_KINDS``), in declaration order."""
+    unknown = set(kinds) - set(FIELD_KINDS)
+    if unknown:
+        raise ValueError(f"unknown field kind {sorted(unknown)[0]!r}; kinds: {', '.join(FIELD_KINDS)}")
+    return tuple(f.name for f in dataclasses.fields(ModelConfig) if f.metadata["kind"] in kinds)
 
 
-def _ff(d_ff, d_model):
-    return None if d_ff in (None, 4 * d_model) else d_ff
+# Fields that may differ between a saved model and the one computed from it (jaxlm.load overrides).
+RUNTIME_FIELDS = fields_of("runtime")
+# Fields a resumed run must share with its checkpoints: the parameters, and how they are stored.
+CHECKPOINT_FIELDS = fields_of("shape", "adapter") + tuple(
+    f.name for f in dataclasses.fields(ModelConfig) if f.metadata["layout"])
 
-
-def _gpt2_from_hf(hf: dict, arch: str) -> ModelConfig:
-    for flag, ok in (("scale_attn_by_inverse_layer_idx", False), ("reorder_and_upcast_attn", False),
-                     ("add_cross_attention", False), ("scale_attn_weights", True)):
-        if hf.get(flag, ok) != ok:
-            raise ValueError(f"GPT-2 config option {flag}={hf[flag]!r} is not supported")
-    d = hf.get("n_embd", 768)
-    return ModelConfig(
-        name=hf.get("_name_or_path") or "gpt2", arch="decoder",
-        vocab_size=hf.get("vocab_size", 50257), max_len=hf.get("n_positions", 1024),
-        d_model=d, n_layers=hf.get("n_layer", 12), n_heads=hf.get("n_head", 12),
-        d_ff=_ff(hf.get("n_inner"), d), activation=_hf_act(hf.get("activation_function", "gelu_new")),
-        norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5), norm_position="pre",
-        positions="learned", tie_embeddings=hf.get("tie_word_embeddings", True), head="lm",
-        dropout=hf.get("resid_pdrop", 0.1), attention_dropout=hf.get("attn_pdrop", 0.1),
-        init_std=hf.get("initializer_range", 0.02), pad_token_id=hf.get("pad_token_id"),
-        bos_token_id=hf.get("bos_token_id", 50256), eos_token_id=hf.get("eos_token_id", 50256),
-    )
-
-
-def _bert_from_hf(hf: dict, arch: str) -> ModelConfig:
-    if hf.get("position_embedding_type", "absolute") != "absolute":
-        raise ValueError(
-            f"BERT position_embedding_type={hf['position_embedding_type']!r} is not supported "
-            "(only 'absolute')")
-    if hf.get("is_decoder") or hf.get("add_cross_attention"):
-        raise ValueError("BERT as a decoder (is_decoder / add_cross_attention) is not supported")
-    head = {"BertForMaskedLM": "mlm", "BertForSequenceClassification": "classify"}.get(arch, "none")
-    labels = hf.get("id2label") or {}
-    return ModelConfig(
-        name=hf.get("_name_or_path") or "bert", arch="encoder",
-        vocab_size=hf.get("vocab_size", 30522), max_len=hf.get("max_position_embeddings", 512),
-        d_model=hf.get("hidden_size", 768), n_layers=hf.get("num_hidden_layers", 12),
-        n_heads=hf.get("num_attention_heads", 12),
-        d_ff=_ff(hf.get("intermediate_size", 3072), hf.get("hidden_size", 768)),
-        activation=_hf_act(hf.get("hidden_act", "gelu")), norm="layernorm",
-        norm_eps=hf.get("layer_norm_eps", 1e-12), norm_position="post", embed_norm=True,
-        final_norm=False, positions="learned", type_vocab_size=hf.get("type_vocab_size", 2),
-        tie_embeddings=hf.get("tie_word_embeddings", True), head=head,
-        pooler=arch in ("BertModel", "BertForSequenceClassification"),
-        num_labels=hf.get("num_labels") or len(labels) or 2,
-        dropout=hf.get("hidden_dropout_prob", 0.1),
-        attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
-        init_std=hf.get("initializer_range", 0.02), pad_token_id=hf.get("pad_token_id", 0),
-    )
-
-
-_FROM_HF = {"gpt2": _gpt2_from_hf, "bert": _bert_from_hf}
 
 _GPT2 = dict(arch="decoder", vocab_size=50257, max_len=1024, activation="gelu_tanh",
              norm_eps=1e-5, bos_token_id=50256, eos_token_id=50256)
@@ -442,6 +367,19 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def with_absolute_paths(self) -> "Config":
+        """This config with every local path it refers to made absolute (data files, the token
+        cache, the tokenizer, adapt.init, distill.teacher), so that a run's saved config finds
+        them from any directory. Hub ids and paths that do not exist stay as given."""
+        data = dataclasses.replace(
+            self.data,
+            path=self.data.path and ",".join(_absolute(p, pattern=True) for p in self.data.path.split(",")),
+            data_dir=self.data.data_dir and _absolute(self.data.data_dir, always=True),
+            tokenizer=self.data.tokenizer if self.data.tokenizer == "byte" else _absolute(self.data.tokenizer))
+        return dataclasses.replace(
+            self, data=data, adapt=dataclasses.replace(self.adapt, init=_absolute(self.adapt.init)),
+            distill=dataclasses.replace(self.distill, teacher=_absolute(self.distill.teacher)))
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Config":
         sections = {f.name: f.type for f in dataclasses.fields(cls)}
@@ -460,6 +398,14 @@ class Config:
         )
 
 
+def _absolute(path: str, *, pattern: bool = False, always: bool = False) -> str:
+    """``path`` made absolute if it exists (or is a glob ``pattern``, or ``always``); else as given."""
+    p = Path(path.strip()).expanduser() if path else None
+    if p is None or not (always or p.exists() or (pattern and any(c in path for c in "*?["))):
+        return path
+    return str(p.absolute())
+
+
 def _section(cls, name, values: dict):
     fields = {f.name for f in dataclasses.fields(cls)}
     for k, v in values.items():
@@ -471,19 +417,17 @@ def _section(cls, name, values: dict):
     return cls(**values)
 
 
-def _yaml_load(text: str):
+class _Loader(yaml.SafeLoader):
     """yaml.safe_load, except that 1e-5 / 3E+4 read as floats (YAML 1.1 needs a dot: '1.0e-5'),
     so JSON files (e.g. a run's own config.json) and plain YAML both work as config files."""
-    import re
 
-    import yaml
 
-    class Loader(yaml.SafeLoader):
-        pass
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
+    r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
 
-    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
-        r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
-    return yaml.load(text, Loader=Loader)
+
+def _yaml_load(text: str):
+    return yaml.load(text, Loader=_Loader)
 
 
 def _parse_value(text: str):
@@ -493,8 +437,6 @@ def _parse_value(text: str):
 def load_config(path=None, overrides=()) -> Config:
     """A Config from an optional YAML file and ``key=value`` overrides (``model=NAME`` picks a preset;
     ``model.FIELD=V`` changes one field). Unknown keys are rejected with the closest valid name."""
-    from pathlib import Path
-
     raw: dict[str, Any] = {}
     if path is not None:
         p = Path(path)

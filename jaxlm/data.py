@@ -14,10 +14,12 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import glob
 import hashlib
 import os
+import sys
 import sysconfig
 import zlib
 from pathlib import Path
@@ -55,13 +57,17 @@ def default_corpus_files() -> list[Path]:
     return sorted(f for f in root.rglob("*.py") if "site-packages" not in f.parts and f.is_file())
 
 
-def _is_validation(key: str, fraction: float) -> bool:
+def in_validation(key: str, fraction: float) -> bool:
+    """The one train / validation split: a document (or file, or example) goes to validation when a
+    hash of its key falls in the first ``fraction`` of the range. Deterministic, and stable as
+    other documents come and go."""
     return zlib.crc32(key.encode()) % 10_000 < fraction * 10_000
 
 
 @functools.lru_cache(maxsize=None)
 def _builder_class():
-    # Defined once, inside the package: tfds registers builders by class name.
+    # Defined once, inside the package: tfds registers builders by class name. tfds and grain are
+    # imported where data is read (~0.7 s together), not by everything that imports jaxlm.
     import tensorflow_datasets as tfds
 
     class LocalTextConfig(tfds.core.BuilderConfig):
@@ -80,7 +86,7 @@ def _builder_class():
 
         def _split_generators(self, dl_manager):
             c = self.builder_config
-            val = [f for f in c.files if _is_validation(os.path.relpath(f, c.root), c.val_fraction)]
+            val = [f for f in c.files if in_validation(os.path.relpath(f, c.root), c.val_fraction)]
             train = [f for f in c.files if f not in set(val)]
             if not val:  # tiny inputs: keep at least one file for validation
                 val, train = train[-1:], train[:-1] or train[-1:]
@@ -124,8 +130,6 @@ def local_text_source(files: list[Path], split: str, *, unit: str = "file", val_
 @contextlib.contextmanager
 def file_lock(path: Path):
     """An exclusive lock (flock) on ``path`` for the duration of the block."""
-    import fcntl
-
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
@@ -138,7 +142,7 @@ def file_lock(path: Path):
 def text_source(data_cfg, split: str):
     """(tfds data source, name) of the split: local files, a catalog dataset, or the default corpus."""
     if data_cfg.tfds_name:
-        import tensorflow_datasets as tfds
+        import tensorflow_datasets as tfds  # lazy: see _builder_class
 
         name = data_cfg.tfds_name.replace("/", "_").replace(":", "_")
         return tfds.data_source(data_cfg.tfds_name, split=split, data_dir=data_cfg.data_dir,
@@ -153,6 +157,16 @@ def text_source(data_cfg, split: str):
                              data_dir=data_cfg.data_dir, name=name), name
 
 
+def packed_rows(data_cfg, split: str, tokenizer, log=None) -> "PackedRows":
+    """The split of ``data_cfg``'s text, tokenized (cached per dataset, split and tokenizer) and
+    cut into rows of data.seq_len + 1 tokens."""
+    source, name = text_source(data_cfg, split)
+    cache = Path(data_cfg.data_dir or DEFAULT_DATA_DIR) / "tokens"
+    stream = token_stream(source, tokenizer, cache_dir=cache, tag=f"{name}-{split}-{tokenizer.fingerprint}",
+                          text_key=data_cfg.text_key, log=log)
+    return PackedRows(stream, data_cfg.seq_len)
+
+
 def files_digest(files, unit: str, val_fraction: float) -> str:
     """Names a local dataset by its files (path, size, mtime) and split settings."""
     h = hashlib.sha1(f"{unit}:{val_fraction}".encode())
@@ -163,8 +177,6 @@ def files_digest(files, unit: str, val_fraction: float) -> str:
 
 
 def _stdlib_tag() -> str:
-    import sys
-
     return f"py{sys.version_info.major}{sys.version_info.minor}"
 
 
@@ -189,7 +201,7 @@ def _tokenize(source, tokenizer, cache: Path, text_key: str, log) -> np.ndarray:
     n = len(source)
     for start in range(0, n, 256):
         texts = [_text_of(source[i], text_key) for i in range(start, min(n, start + 256))]
-        for ids in _encode_batch(tokenizer, texts):
+        for ids in tokenizer.encode_batch(texts):  # no special tokens inside documents
             chunks.append(np.asarray(ids + [eos], np.int32))
         if log is not None:
             log(f"tokenized {min(n, start + 256)}/{n} documents")
@@ -199,13 +211,6 @@ def _tokenize(source, tokenizer, cache: Path, text_key: str, log) -> np.ndarray:
     np.save(tmp, stream)
     os.replace(tmp, cache)
     return stream
-
-
-def _encode_batch(tokenizer, texts):
-    inner = getattr(tokenizer, "_tok", None)
-    if inner is not None:  # HF tokenizers: parallel batch encode, no special tokens inside documents
-        return [e.ids for e in inner.encode_batch(texts, add_special_tokens=False)]
-    return [tokenizer.encode(t) for t in texts]
 
 
 class PackedRows:
@@ -253,7 +258,7 @@ class EpochShards:
 def loader(rows: PackedRows, *, batch_size: int, seed: int, shuffle: bool = True,
            process_index: int = 0, process_count: int = 1):
     """A checkpointable grain iterator of [batch_size // process_count, L + 1] int32 batches."""
-    import grain
+    import grain  # lazy: see _builder_class
 
     if batch_size % process_count:
         raise ValueError(f"data.batch_size={batch_size} is not divisible by {process_count} processes")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 
+import jax
+
 
 def multi_process_env() -> str | None:
     """The cluster we run in as one of several processes, if the environment says so."""
@@ -30,8 +32,6 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     multi-process environment (SLURM with several tasks, a multi-worker TPU slice) lets JAX detect
     the cluster. Must run before anything touches a JAX device.
     """
-    import jax
-
     given = [coordinator is not None, num_processes is not None, process_id is not None]
     if any(given) and not all(given):
         raise ValueError("--coordinator, --num-processes and --process-id go together: give all three "

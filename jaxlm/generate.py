@@ -30,17 +30,28 @@ class Sampling:
     top_k: int = 0
     top_p: float = 1.0
 
-    def check(self, vocab_size: int) -> None:
+    def check(self, vocab_size: int | None = None) -> None:
+        """One clear error per bad setting; top_k's upper bound only once the vocabulary is known."""
         if not self.temperature >= 0:
             raise ValueError(f"temperature={self.temperature} must be >= 0 (0 is greedy)")
-        if not 0 <= self.top_k <= vocab_size:
-            raise ValueError(f"top_k={self.top_k} must be in [0, {vocab_size}] (0 disables it)")
+        if not 0 <= self.top_k <= (vocab_size if vocab_size is not None else self.top_k):
+            raise ValueError(f"top_k={self.top_k} must be in [0, {vocab_size or 'vocab_size'}] (0 disables it)")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def check_request(max_new_tokens: int, num_return_sequences: int, sampling: Sampling,
+                  vocab_size: int | None = None) -> None:
+    """The settings of a generation request, checked before any work (and before a model is loaded)."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    if num_return_sequences < 1:
+        raise ValueError(f"num_return_sequences={num_return_sequences} must be >= 1")
+    sampling.check(vocab_size)
 
 
 def _sortable(x):

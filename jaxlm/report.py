@@ -6,6 +6,16 @@ import json
 import math
 from pathlib import Path
 
+import jax
+
+from jaxlm.api import load
+from jaxlm.classify import ClassRows, read_examples
+from jaxlm.config import load_config
+from jaxlm.data import packed_rows
+from jaxlm.io import is_workdir
+from jaxlm.sharding import batch_sharding, check_batch_fits, make_mesh
+from jaxlm.train import StepSpec, check_seq_len, evaluate, make_eval_step
+
 
 def read_metrics(workdir) -> list[dict]:
     path = Path(workdir, "metrics.jsonl")
@@ -16,7 +26,7 @@ def read_metrics(workdir) -> list[dict]:
 
 def plot_losses(workdir, output=None) -> Path:
     """Training loss per step and validation loss per evaluation, written as a PNG."""
-    import matplotlib
+    import matplotlib  # heavy: only for plots
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -42,26 +52,17 @@ def plot_losses(workdir, output=None) -> Path:
 
 
 def evaluate_model(model_path, overrides=(), *, split: str = "validation", batches: int = 16) -> dict:
-    """{"loss", "perplexity", "tokens", ["accuracy"]} of a model on a split of its data config."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    import jaxlm
-    from jaxlm.checkpoint import is_workdir
-    from jaxlm.config import load_config
-    from jaxlm.data import loader
-    from jaxlm.sharding import batch_sharding, check_batch_fits, make_mesh
-    from jaxlm.train import StepSpec, _rows, check_seq_len, make_eval_step, tokenizer_tag
-
+    """{"loss", "perplexity", "tokens", ["accuracy"]} of a model on a split of its data config (a
+    workdir's own, else the defaults with ``overrides``), by the training run's own evaluation."""
     workdir = is_workdir(model_path)
     cfg = load_config(Path(model_path, "config.json") if workdir else None, overrides)
     # A mesh only when asked for (mesh.*=...): the run's own mesh may not exist on this machine.
     mesh = make_mesh(cfg.mesh) if any(o.startswith("mesh.") for o in overrides) else None
     if mesh is not None:
         check_batch_fits(cfg.data.batch_size, mesh)
-    lm = jaxlm.load(model_path, mesh=mesh)
-    if lm.tokenizer is None:
+    lm = load(model_path, mesh=mesh)
+    tokenizer = lm.tokenizer
+    if tokenizer is None:
         raise ValueError(f"{model_path} has no tokenizer files, so no text can be evaluated")
     if lm.config.head == "classify":
         objective = "classify"
@@ -71,37 +72,24 @@ def evaluate_model(model_path, overrides=(), *, split: str = "validation", batch
     else:
         objective = "clm" if lm.config.causal else "mlm"
     check_seq_len(cfg.data.seq_len, lm.config.context)
-    tokenizer = lm.tokenizer
     if objective == "classify":
-        from jaxlm.classify import ClassRows, macro_f1, read_examples
-
         names = lm.config.label_names or tuple(str(i) for i in range(lm.config.num_labels))
         rows = ClassRows(read_examples(cfg.data, split), tokenizer, names, cfg.data.seq_len)
-        batches = len(rows)  # every full batch: classification metrics cover the split
+        n = len(rows) // cfg.data.batch_size  # every full batch: classification metrics cover the split
     else:
-        rows = _rows(cfg, split, tokenizer, tokenizer_tag(tokenizer), log=lambda m: None)
-    spec = StepSpec(objective, mask_id=getattr(tokenizer, "mask_id", None),
-                    special_ids=tuple(i for i in (tokenizer.eos_id, tokenizer.pad_id) if i is not None))
-    step = make_eval_step(lm._graphdef, spec)  # the training run's own evaluation step
-
-    it = loader(rows, batch_size=cfg.data.batch_size, seed=0, shuffle=False)
-    n = min(batches, max(1, len(rows) // cfg.data.batch_size))
-    tot, confusion = np.zeros(3), 0
-    for i in range(n):
-        local = next(it)
-        batch = jax.tree.map(jnp.asarray, local) if mesh is None else \
-            jax.tree.map(lambda x: jax.device_put(x, batch_sharding(mesh)), local)
-        res = step(lm.params, batch, i)
-        tot += np.array([float(x) for x in res[:3]])
-        confusion = confusion + (np.asarray(res[3]) if len(res) > 3 else 0)
-    loss = tot[0] / max(tot[1], 1)
-    out = {"model": str(model_path), "split": split, "objective": objective, "loss": loss}
+        rows = packed_rows(cfg.data, split, tokenizer)
+        n = min(batches, max(1, len(rows) // cfg.data.batch_size))
+    spec = StepSpec(objective, seed=cfg.train.seed, mask_id=tokenizer.mask_id, special_ids=tokenizer.special_ids,
+                    mlm_prob=cfg.train.mlm_prob)
+    sharding = None if mesh is None else batch_sharding(mesh)
+    totals = evaluate(make_eval_step(lm.graphdef, spec), lm.params, rows, batch_size=cfg.data.batch_size,
+                      batches=n, to_device=lambda local: jax.device_put(local, sharding))
+    out = {"model": str(model_path), "split": split, "objective": objective, "loss": totals.loss}
     if objective == "classify":
-        counts = np.asarray(confusion).sum(1)
-        out.update(examples=int(tot[1]), accuracy=tot[2] / max(tot[1], 1), macro_f1=macro_f1(confusion),
-                   majority_baseline=float(counts.max() / max(counts.sum(), 1)))
+        out.update(examples=int(totals.count), accuracy=totals.accuracy, macro_f1=totals.macro_f1,
+                   majority_baseline=totals.majority_baseline)
         return out
-    out.update(perplexity=math.exp(loss), tokens=int(tot[1]))
+    out.update(perplexity=math.exp(totals.loss), tokens=int(totals.count))
     if objective == "mlm":
-        out["accuracy"] = tot[2] / max(tot[1], 1)
+        out["accuracy"] = totals.accuracy
     return out

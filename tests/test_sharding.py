@@ -11,7 +11,7 @@ from jaxlm import ModelConfig, build_model
 from jaxlm.config import MeshConfig
 from jaxlm.sharding import batch_sharding, make_mesh, mesh_shape, param_shardings
 
-from conftest import ragged_batch, stdlib_slice
+from conftest import TEST_XLA_FLAGS, ragged_batch, stdlib_slice
 
 SMALL = dict(vocab_size=96, max_len=32, d_model=32, n_layers=2, n_heads=4, init_std=0.2)
 
@@ -208,7 +208,7 @@ def test_checkpoint_of_2x2x2_resumes_on_1x8x1_and_on_one_device(small_corpus, tm
         shutil.rmtree(tmp_path / name / "checkpoints" / "8")  # as if the run had stopped after step 4
     train(load_config(None, [*args, f"train.workdir={tmp_path / 'on_1x8x1'}", "mesh.data=1", "mesh.fsdp=8"]),
           log=lambda m: None)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count=1 {TEST_XLA_FLAGS}"}
     # The run's own config.json as the config file, with another workdir and mesh.
     run = subprocess.run([sys.executable, "-m", "jaxlm.cli", "train", "--config", str(full / "config.json"),
                           f"train.workdir={tmp_path / 'on_one_device'}", "mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1"],

@@ -39,7 +39,7 @@ def test_gpt2_specials_and_tokenizer_json(gpt2_dir, tmp_path):
     tok = load_tokenizer(gpt2_dir)
     assert tok.vocab_size == 50257 and tok.eos_id == 50256
     assert tok.encode("a<|endoftext|>b") == [64, 50256, 65]
-    tok._tok.save(str(tmp_path / "tokenizer.json"))  # the same tokenizer as one tokenizer.json
+    tok.backend.save(str(tmp_path / "tokenizer.json"))  # the same tokenizer as one tokenizer.json
     again = load_tokenizer(tmp_path)
     assert [again.encode(t) for t in TEXTS] == [tok.encode(t) for t in TEXTS]
 

@@ -47,6 +47,21 @@ def run_cli(argv, env=None):
                           env={**os.environ, **(env or {})})
 
 
+# `jaxlm train` with one more hook: SIGKILL right after the checkpoint of step N is on disk.
+KILL_AFTER_SAVE = """
+import os, signal, sys
+from jaxlm.cli import DEFAULT_CONFIG
+from jaxlm.config import load_config
+from jaxlm.train import Hook, train
+
+def kill(info):
+    info.run.checkpoints.wait()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+train(load_config(DEFAULT_CONFIG, sys.argv[2:]), hooks=[Hook(kill, every=int(sys.argv[1]), at_end=False)])
+"""
+
+
 def losses(workdir):
     out = {}
     for line in open(os.path.join(workdir, "metrics.jsonl")):
@@ -60,7 +75,8 @@ def test_exact_resume_after_sigkill(corpus, tmp_path):
     common = ["train.steps=8", "train.save_every=4", "train.eval_every=0", "model.dropout=0.1"]
     full = run_cli(args(corpus, tmp_path / "full", *common))
     assert full.returncode == 0, full.stderr
-    killed = run_cli(args(corpus, tmp_path / "cut", *common), env={"JAXLM_TEST_KILL_AFTER_SAVE": "4"})
+    killed = subprocess.run([sys.executable, "-c", KILL_AFTER_SAVE, "4", *args(corpus, tmp_path / "cut", *common)],
+                            capture_output=True, text=True)
     assert killed.returncode == -signal.SIGKILL
     assert sorted(losses(tmp_path / "cut")) == [1, 2, 3, 4]
     resumed = run_cli(args(corpus, tmp_path / "cut", *common))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm.compress.tree import block_kernels, copy_dicts
+from jaxlm.compress.tree import block_kernels, copy_dicts, stacked
 
 
 def _matrices(node, n_in, is_stacked):
@@ -23,8 +23,6 @@ def _matrices(node, n_in, is_stacked):
 
 def factorize(config, params, *, targets, rank: int | None = None, energy: float | None = None):
     """(config with factor_rank / factor_targets, params with kernel_a / kernel_b factors)."""
-    from jaxlm.compress.tree import stacked as is_stacked_path
-
     targets = tuple(targets.split(",")) if isinstance(targets, str) else tuple(targets)
     if (rank is None) == (energy is None):
         raise ValueError("give either a rank or an energy to keep (e.g. --energy 0.9)")
@@ -37,7 +35,7 @@ def factorize(config, params, *, targets, rank: int | None = None, energy: float
     svds = []
     for path, node in block_kernels(params):
         if path[-1] in targets:
-            st = is_stacked_path(path)
+            st = stacked(path)
             w = _matrices(node, n_in.get(path[-1], 1), st)
             u, s, vt = np.linalg.svd(w, full_matrices=False)  # batched over layers
             svds.append((path, node, st, u, s, vt))

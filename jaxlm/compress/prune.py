@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm.compress.tree import block_kernels, copy_dicts
+from jaxlm.compress.tree import block_kernels, copy_dicts, stacked
+from jaxlm.transformer import params_for, stack_layers
 
 
 def check_sparsity(sparsity: float) -> None:
@@ -19,8 +20,6 @@ def check_sparsity(sparsity: float) -> None:
 
 def _kernel_layers(params, targets):
     """[(path, per-layer kernel arrays [in..., out...] as numpy, stacked?)]."""
-    from jaxlm.compress.tree import stacked
-
     out = []
     for path, node in block_kernels(params):
         if path[-1] in targets and "kernel" in node:
@@ -106,8 +105,6 @@ def measured_sparsity(params, targets=("q", "k", "v", "o", "up", "down")) -> flo
 def head_importance(params) -> np.ndarray:
     """[L, H] importance of each head: ||W_v[:, h]|| * ||W_o[h]|| (Frobenius norms), the size of
     what the head can write into the residual stream."""
-    from jaxlm.transformer import stack_layers
-
     attn = stack_layers(params)["layers"]["blocks"]["attn"]
     v, o = np.asarray(attn["v"]["kernel"]), np.asarray(attn["o"]["kernel"])  # [L, D, H, Dh], [L, H, Dh, D]
     return np.sqrt((v ** 2).sum(axis=(1, 3))) * np.sqrt((o ** 2).sum(axis=(2, 3)))
@@ -119,8 +116,6 @@ def prune_heads(config, params, keep: int):
     Every layer keeps the same number of heads (layers are stored stacked), chosen per layer by
     ``head_importance``. Multi-head attention only (no grouped-query kv heads).
     """
-    from jaxlm.transformer import params_for, stack_layers
-
     h = config.n_heads
     if config.kv_heads != h:
         raise ValueError("head pruning needs multi-head attention (n_kv_heads == n_heads)")
@@ -128,10 +123,10 @@ def prune_heads(config, params, keep: int):
         raise ValueError(f"keep={keep} heads must be in [1, {h}]")
     if config.quantize != "none" or config.lora_rank or config.factor_rank:
         raise ValueError("prune heads of a plain model (before quantizing, factoring or adding LoRA)")
-    stacked = stack_layers(params)
-    order = np.argsort(-head_importance(stacked), axis=1, kind="stable")[:, :keep]
+    whole = stack_layers(params)
+    order = np.argsort(-head_importance(whole), axis=1, kind="stable")[:, :keep]
     chosen = np.sort(order, axis=1)  # [L, keep], in the original order
-    attn = copy_dicts(stacked["layers"]["blocks"]["attn"])
+    attn = copy_dicts(whole["layers"]["blocks"]["attn"])
 
     def take(x, axis):  # per layer, the chosen heads along ``axis`` (counted after the layers axis)
         x = np.asarray(x)
@@ -145,7 +140,7 @@ def prune_heads(config, params, keep: int):
         if "bias" in attn[name]:
             attn[name]["bias"] = take(attn[name]["bias"], 0)  # [L, H, Dh]
     attn["o"]["kernel"] = take(attn["o"]["kernel"], 0)  # [L, H, Dh, D]
-    out = copy_dicts(stacked)
+    out = copy_dicts(whole)
     out["layers"]["blocks"]["attn"] = attn
     new_cfg = config.replace(n_heads=keep, n_kv_heads=None, head_dim=config.dim_per_head)
     return new_cfg, params_for(new_cfg, out), chosen

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from jaxlm.compress.tree import copy_dicts, stacked, walk
+from jaxlm.transformer import abstract_model
 
 
 def quantize_array(w, axes):
@@ -32,9 +34,6 @@ def dequantize_array(q, scale, axes):
 
 def quantize_int8(config, params):
     """(config with quantize="int8", params with int8 kernels / embeddings and their scales)."""
-    from jaxlm.transformer import abstract_model
-    from flax import nnx
-
     if config.quantize == "int8":
         raise ValueError("this model is int8 already")
     if config.lora_rank:

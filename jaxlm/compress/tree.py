@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from jaxlm.config import BLOCK_KERNELS
+
 
 def walk(tree: dict, path=()):
     """Yield (path, node) for every dict node, parents first."""
@@ -74,8 +76,6 @@ def nbytes(params) -> int:
 
 def block_kernels(tree: dict):
     """(path, node) of each Dense node of the blocks (q, k, v, o, up, down), either layout."""
-    from jaxlm.config import BLOCK_KERNELS
-
     for path, node in walk(tree):
         if path and path[-1] in BLOCK_KERNELS and "layers" in path and (
                 "kernel" in node or "kernel_a" in node):

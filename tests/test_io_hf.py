@@ -1,4 +1,4 @@
-"""Hugging Face import: parity with transformers (PyTorch) on the same weights, and bad input."""
+"""Hugging Face import: config mapping, parity with transformers (PyTorch) on the same weights, bad input."""
 
 import json
 import shutil
@@ -10,12 +10,46 @@ import transformers
 
 import jaxlm
 import jaxlm.cli
-from jaxlm.convert import hf_to_params
+from jaxlm import ModelConfig
+from jaxlm.config import PRESETS
+from jaxlm.io.hf import config_from_hf, config_to_hf, hf_to_params
 from jaxlm.testing import minilm_dir
 
 from conftest import ragged_batch
 
 TOL = 1e-4
+
+
+@pytest.mark.parametrize("preset, hf", [
+    ("gpt2", transformers.GPT2Config()),
+    ("gpt2-medium", transformers.GPT2Config(n_embd=1024, n_layer=24, n_head=16)),
+    ("gpt2-large", transformers.GPT2Config(n_embd=1280, n_layer=36, n_head=20)),
+    ("gpt2-xl", transformers.GPT2Config(n_embd=1600, n_layer=48, n_head=25)),
+    ("bert-base-uncased", transformers.BertConfig(architectures=["BertForMaskedLM"])),
+    ("bert-large-uncased", transformers.BertConfig(architectures=["BertForMaskedLM"], hidden_size=1024,
+                                                   num_hidden_layers=24, num_attention_heads=16,
+                                                   intermediate_size=4096)),
+])
+def test_presets_match_hf_configs(preset, hf):
+    ours = ModelConfig.preset(preset)
+    theirs = config_from_hf(hf.to_dict()).replace(name=preset)
+    assert ours == theirs
+
+
+def test_hf_round_trip_and_dict_round_trip():
+    for name in PRESETS:
+        cfg = ModelConfig.preset(name)
+        assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+        assert config_from_hf(config_to_hf(cfg)).replace(name=name) == cfg
+
+
+def test_unsupported_hf_models_are_named():
+    with pytest.raises(ValueError, match=r"unsupported architecture \? \(model_type 'llama'\); supported: GPT2LMHeadModel, GPT2Model, BertModel"):
+        config_from_hf({"model_type": "llama"})
+    with pytest.raises(ValueError, match=r"unsupported architecture BertForQuestionAnswering \(model_type 'bert'\); supported: .*BertForMaskedLM"):
+        config_from_hf({"model_type": "bert", "architectures": ["BertForQuestionAnswering"]})
+    with pytest.raises(ValueError, match="scale_attn_by_inverse_layer_idx"):
+        config_from_hf({"model_type": "gpt2", "scale_attn_by_inverse_layer_idx": True})
 
 
 def hf_outputs(path, ids, mask):

@@ -1,0 +1,81 @@
+"""Hugging Face model directories <-> jaxlm: one module per family, each holding its config
+mapping (both ways) and its weight rules; this module picks the family and runs the conversion.
+
+Adding a family: a module here with MODEL_TYPE, ARCHITECTURES, PREFIX, SKIP, ``config_from_hf``,
+``config_to_hf`` and ``rules`` (see gpt2.py), listed in ``FAMILIES``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from jaxlm.config import ModelConfig
+from jaxlm.io.atomic import atomic_dir
+from jaxlm.io.hf import bert, gpt2
+from jaxlm.io.hf.weights import converted_groups, unflatten
+from jaxlm.io.model_dir import StreamingParamWriter, write_config
+from jaxlm.tokenizer import copy_tokenizer_files
+
+FAMILIES = {f.MODEL_TYPE: f for f in (gpt2, bert)}
+
+
+def read_hf_config(src) -> dict:
+    src = Path(src)
+    if not src.exists():
+        raise FileNotFoundError(f"{src} does not exist")
+    if not (src / "config.json").is_file():
+        raise FileNotFoundError(f"{src} holds no model: config.json not found")
+    return json.loads((src / "config.json").read_text())
+
+
+def is_hf_dir(path) -> bool:
+    p = Path(path, "config.json")
+    return p.is_file() and "model_type" in json.loads(p.read_text())
+
+
+def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+    """The ModelConfig of a Hugging Face ``config.json`` dict."""
+    model_type = hf.get("model_type")
+    supported = [a for f in FAMILIES.values() for a in f.ARCHITECTURES]
+    family = FAMILIES.get(model_type)
+    arch = (hf.get("architectures") or list(family.ARCHITECTURES if family else ["?"])[:1])[0]
+    if family is None or arch not in family.ARCHITECTURES:
+        raise ValueError(f"unsupported architecture {arch} (model_type {model_type!r}); "
+                         f"supported: {', '.join(supported)}")
+    return family.config_from_hf(hf, arch)
+
+
+def config_to_hf(config: ModelConfig) -> dict[str, Any]:
+    """The Hugging Face ``config.json`` dict of a model (decoders as GPT-2, encoders as BERT)."""
+    return (gpt2 if config.causal else bert).config_to_hf(config)
+
+
+def hf_to_params(src, config: ModelConfig | None = None, log=None):
+    """(config, params) from an HF model dir. params: pure dict of float32 numpy arrays."""
+    hf = read_hf_config(src)
+    config = config or config_from_hf(hf)
+    flat = {}
+    for group in converted_groups(src, config, FAMILIES[hf["model_type"]], log):
+        flat.update(group)
+    return config, unflatten(flat)
+
+
+def convert(src, dst, *, overwrite: bool = False, log=None) -> Path:
+    """HF model dir -> jaxlm model dir (config.json, params/, tokenizer files)."""
+    hf = read_hf_config(src)
+    config = config_from_hf(hf)
+    # Refuse a non-empty DST before the (long) read.
+    with atomic_dir(dst, overwrite) as tmp:
+        # Stream: one group of tensors in memory at a time (peak ~ one copy of the largest matrix).
+        writer = StreamingParamWriter(tmp / "params")
+        for group in converted_groups(src, config, FAMILIES[hf["model_type"]], log):
+            writer.write(unflatten(group))
+        writer.finalize()
+        write_config(tmp, config)
+        copied = copy_tokenizer_files(src, tmp)
+        if log is not None:
+            log(f"converted {src} ({hf.get('architectures', [hf['model_type']])[0]}) -> {dst}"
+                f" with tokenizer files: {', '.join(copied) or 'none'}")
+    return Path(dst)

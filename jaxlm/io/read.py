@@ -1,0 +1,79 @@
+"""``read_model(path) -> (ModelConfig, params, tokenizer)`` for every kind of path that names a model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxlm.compress import tree
+from jaxlm.compress.adapt import trainable
+from jaxlm.config import Config, ModelConfig, fields_of
+from jaxlm.io.checkpoints import TrainCheckpoints, is_workdir
+from jaxlm.io.hf import hf_to_params, is_hf_dir
+from jaxlm.io.hub import local_dir
+from jaxlm.io.model_dir import is_model_dir, read_model_dir
+from jaxlm.tokenizer import load_tokenizer
+from jaxlm.transformer import abstract_model, params_for
+
+
+def read_model(path):
+    """(config, params, tokenizer or None) from a jaxlm model dir, a training workdir (its latest
+    checkpoint; with adapters or a soft prompt, merged onto the base model it started from), a
+    Hugging Face model dir or a hub id. Params are on one device, in either layer layout: pass
+    them through ``transformer.params_for(config, params)`` for the one ``config`` asks for."""
+    d = local_dir(path)
+    if is_model_dir(d):
+        return read_model_dir(d)
+    if is_workdir(d):
+        return read_workdir(d)
+    if is_hf_dir(d):
+        config, params = hf_to_params(d)
+        return config, jax.tree.map(jnp.asarray, params), load_tokenizer(d)
+    raise ValueError(f"{path} holds no model: expected the config.json of a jaxlm or Hugging Face model")
+
+
+def read_run_config(workdir) -> Config:
+    return Config.from_dict(json.loads(Path(workdir, "config.json").read_text()))
+
+
+def read_workdir(path):
+    """(model config, params in the run's layout, tokenizer) from a training workdir's latest checkpoint."""
+    cfg = read_run_config(path)
+    ckpts = TrainCheckpoints(path)
+    step = ckpts.latest_step()
+    if step is None:
+        raise ValueError(f"training workdir {path} holds no complete checkpoint yet")
+    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    # Training checkpoints keep the run's own layout (stacked or per-layer, by model.scan_layers).
+    layout = nnx.to_pure_dict(nnx.state(abstract_model(cfg.model), nnx.Param))
+    adapted = cfg.adapt.method != "full"
+    if adapted:  # the checkpoints hold the adapters or prompt; the frozen base is the model they started from
+        layout, _ = tree.split(layout, trainable(cfg.adapt.method))
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), layout)
+    params = ckpts.restore_params(step, abstract)
+    ckpts.close()
+    if adapted:
+        base_config, base_params, _ = read_base(cfg.adapt.init, f"{path} (adapt.method={cfg.adapt.method})")
+        check_same_base(base_config, cfg.model, cfg.adapt.init)
+        params = tree.merge(params_for(cfg.model, base_params), params)
+    return cfg.model, params, load_tokenizer(path)
+
+
+def read_base(init: str, user: str):
+    """read_model(init) for a model another one depends on, naming the dependant when it is gone."""
+    try:
+        return read_model(init)
+    except (FileNotFoundError, NotADirectoryError) as e:
+        raise FileNotFoundError(f"{user} starts from {init}, which cannot be read: {e}") from None
+
+
+def check_same_base(base: ModelConfig, adapted: ModelConfig, where: str) -> None:
+    """Refuse a base model whose parameters are not the ones the adapters were trained on."""
+    for f in fields_of("shape"):
+        if getattr(base, f) != getattr(adapted, f):
+            raise ValueError(f"the base model {where} no longer matches its adapters (model.{f}: "
+                             f"{getattr(base, f)!r} there, {getattr(adapted, f)!r} when they were trained)")

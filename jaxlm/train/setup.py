@@ -1,0 +1,266 @@
+"""Setting up a training run: everything the loop needs, checked before anything compiles.
+
+``setup(cfg, log) -> Run`` resolves the config (absolute paths, the base model's shape, the
+tokenizer's special ids, class labels), checks it, builds the mesh, the data, the sharded state
+and the jitted steps, and restores the latest checkpoint of the workdir if there is one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxlm.classify import ClassRows, label_names, read_examples
+from jaxlm.compress import tree
+from jaxlm.compress.adapt import adapted_config, trainable
+from jaxlm.compress.distill import check_teacher, layer_pairs
+from jaxlm.config import CHECKPOINT_FIELDS, Config, ModelConfig
+from jaxlm.data import loader, packed_rows
+from jaxlm.io import TrainCheckpoints
+from jaxlm.io.read import read_base
+from jaxlm.optim import make_optimizer, schedule
+from jaxlm.sharding import (batch_sharding, check_batch_fits, check_model_fits, like_params, make_mesh,
+                            param_shardings)
+from jaxlm.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
+from jaxlm.train.objectives import StepSpec
+from jaxlm.train.steps import make_eval_step, make_train_step
+from jaxlm.transformer import abstract_model, build_model, params_for
+
+
+@dataclasses.dataclass
+class Run:
+    """A training run, set up: the loop and its hooks read it and update ``state`` / ``masks``."""
+
+    cfg: Config  # resolved: absolute paths, the model as trained (base shape, special ids, labels)
+    workdir: Path
+    log: Callable[[str], None]
+    tokenizer: Tokenizer
+    mesh: Any
+    train_step: Callable  # (state, batch, frozen, masks, teacher_params) -> (state, metrics)
+    eval_step: Callable  # (params, batch, index) -> sums
+    state: dict  # {"params": trainable params, "opt_state", "step"}, on the mesh
+    frozen: dict | None  # parameters that take part but do not train (a LoRA / prompt-tuning base)
+    teacher_params: dict | None  # objective=distill
+    train_iter: Any  # checkpointable grain iterator of this host's rows
+    val_rows: Any
+    to_device: Callable  # this host's rows -> global arrays split over data x fsdp
+    checkpoints: TrainCheckpoints
+    start: int  # the step the run resumes after (0: a fresh run)
+    masks: dict | None = None  # pruning masks, re-applied after every update
+
+    @property
+    def total(self) -> int:
+        return self.cfg.train.steps
+
+    def full_params(self, params) -> dict:
+        return params if self.frozen is None else tree.merge(params, self.frozen)
+
+    def eval_batches(self) -> int:
+        if self.cfg.train.objective == "classify":  # every full batch: the metrics cover the split
+            return len(self.val_rows) // self.cfg.data.batch_size
+        return self.cfg.train.eval_batches
+
+
+def check_seq_len(seq_len: int, context: int) -> None:
+    if seq_len > context:
+        raise ValueError(f"data.seq_len={seq_len} exceeds the model's context of {context} tokens "
+                         "(model.max_len, less model.prompt_length with a soft prompt)")
+
+
+def data_tokenizer(data_cfg) -> Tokenizer:
+    """data.tokenizer: "byte", or a directory holding tokenizer files."""
+    if data_cfg.tokenizer == "byte":
+        return ByteTokenizer()
+    tok = load_tokenizer(data_cfg.tokenizer)
+    if tok is None:
+        raise ValueError(f"data.tokenizer={data_cfg.tokenizer}: no tokenizer files found there")
+    return tok
+
+
+def objective_needs_mask(cfg: Config) -> bool:
+    return cfg.train.objective == "mlm" or (cfg.train.objective == "distill" and not cfg.model.causal)
+
+
+def setup(cfg: Config, log) -> Run:
+    """Build (or restore) everything a run of ``cfg`` needs; see the module docstring."""
+    cfg = cfg.with_absolute_paths()  # a run's config.json refers to other models from any directory
+    cfg, base_params, tokenizer = _model_and_tokenizer(cfg, log)
+    cfg, class_rows = _labels(cfg, tokenizer, log)
+    _check(cfg, tokenizer)
+    # Mesh and shape checks come first: a bad mesh fails in one line, before anything compiles.
+    mesh = make_mesh(cfg.mesh)
+    check_model_fits(cfg.model, mesh)
+    check_batch_fits(cfg.data.batch_size, mesh, cfg.optim.grad_accum)
+    teacher = _teacher(cfg, mesh, log) if cfg.train.objective == "distill" else None
+    pi, pc = jax.process_index(), jax.process_count()
+    if pc > 1:
+        log(f"process {pi} of {pc}: {jax.local_device_count()} local devices, {jax.device_count()} in all; "
+            f"mesh data={mesh.shape['data']} fsdp={mesh.shape['fsdp']} tensor={mesh.shape['tensor']}")
+    train_rows, val_rows = class_rows or (packed_rows(cfg.data, "train", tokenizer, log),
+                                          packed_rows(cfg.data, "validation", tokenizer, log))
+    it = loader(train_rows, batch_size=cfg.data.batch_size, seed=cfg.train.seed, process_index=pi,
+                process_count=pc)
+
+    # model.scan_layers picks the layout of params and optimizer state in this run's checkpoints.
+    model_cfg = cfg.model.replace(dtype=cfg.train.dtype)
+    graphdef = nnx.graphdef(abstract_model(model_cfg))
+    tx = make_optimizer(cfg.optim, cfg.train.steps)
+    params, frozen, p_sharding = _init_params(cfg, model_cfg, mesh, base_params)
+    o_sharding = like_params(jax.eval_shape(tx.init, params), p_sharding, mesh)
+    opt_state = jax.jit(tx.init, out_shardings=o_sharding)(params)
+    rows_sharding = batch_sharding(mesh)
+
+    def to_device(local):  # this host's rows -> one global array (or a dict of them), split over data x fsdp
+        return jax.tree.map(lambda x: jax.make_array_from_process_local_data(rows_sharding, np.asarray(x)), local)
+
+    workdir = Path(cfg.train.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    ckpts = TrainCheckpoints(workdir, keep=cfg.train.keep)
+    start = ckpts.latest_step() or 0
+    if start:
+        try:
+            params, opt_state = _restore(ckpts, start, workdir, cfg, params, opt_state, it)
+        except BaseException:
+            ckpts.close()
+            raise
+        log(f"resumed from {workdir}/checkpoints/{start}")
+    if pi == 0:
+        (workdir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        tokenizer.save(workdir)
+        _truncate_metrics(workdir / "metrics.jsonl", start)
+
+    dc = cfg.distill
+    spec = StepSpec(cfg.train.objective, cfg.optim.grad_accum, cfg.train.seed, tokenizer.mask_id,
+                    tokenizer.special_ids, cfg.train.mlm_prob, dc.temperature, dc.alpha, dc.attention_weight,
+                    teacher[2] if teacher else ())
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    train_step = make_train_step(graphdef, tx, spec, schedule(cfg.optim, cfg.train.steps),
+                                 dropout=cfg.model.dropout > 0 or cfg.model.attention_dropout > 0,
+                                 state_sharding={"params": p_sharding, "opt_state": o_sharding, "step": replicated},
+                                 teacher_graphdef=teacher[0] if teacher else None)
+    state = {"params": params, "opt_state": opt_state, "step": jax.device_put(jnp.int32(start), replicated)}
+    return Run(cfg=cfg, workdir=workdir, log=log, tokenizer=tokenizer, mesh=mesh, train_step=train_step,
+               eval_step=make_eval_step(graphdef, spec), state=state, frozen=frozen,
+               teacher_params=teacher[1] if teacher else None, train_iter=it, val_rows=val_rows,
+               to_device=to_device, checkpoints=ckpts, start=start)
+
+
+def _model_and_tokenizer(cfg: Config, log):
+    """(cfg with the model as trained, the base model's params or None, the tokenizer).
+
+    adapt.init names the pretrained model to start from: its shape wins over model.*, the run
+    keeps its own training and runtime fields. The tokenizer the model is trained with decides its
+    special ids (generation stops at its EOS).
+    """
+    base_params, tokenizer = None, None
+    if not cfg.adapt.init:
+        if cfg.adapt.method != "full":
+            raise ValueError(f"adapt.method={cfg.adapt.method} needs a pretrained model: set adapt.init=PATH")
+    else:
+        base_cfg, base_params, tokenizer = read_base(cfg.adapt.init, "adapt.init")
+        model = adapted_config(base_cfg, cfg.adapt, cfg.model, cfg.adapt.init)
+        if cfg.prune.sparsity and cfg.adapt.method != "full":
+            raise ValueError("prune.sparsity needs adapt.method=full (the pruned weights must be trainable)")
+        base_params = params_for(model, base_params)
+        cfg = dataclasses.replace(cfg, model=model)
+        log(f"starting from {cfg.adapt.init} ({model.name}, {cfg.adapt.method} fine-tuning)")
+    tokenizer = tokenizer or data_tokenizer(cfg.data)
+    model = cfg.model.replace(eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id,
+                              bos_token_id=cfg.model.bos_token_id if tokenizer.eos_id is None else tokenizer.eos_id)
+    return dataclasses.replace(cfg, model=model), base_params, tokenizer
+
+
+def _labels(cfg: Config, tokenizer, log):
+    """objective=classify: (cfg with a classification head over the training labels, (train rows,
+    validation rows)); otherwise (cfg, None)."""
+    if cfg.train.objective != "classify":
+        return cfg, None
+    train_ex = read_examples(cfg.data, "train")
+    names = label_names(train_ex)
+    cfg = dataclasses.replace(cfg, model=cfg.model.replace(
+        head="classify", num_labels=len(names), label_names=names, pooler=cfg.model.pooler or not cfg.model.causal))
+    rows = tuple(ClassRows(ex, tokenizer, names, cfg.data.seq_len)
+                 for ex in (train_ex, read_examples(cfg.data, "validation")))
+    log(f"classes: {', '.join(names)}; {len(rows[0])} training and {len(rows[1])} validation examples")
+    return cfg, rows
+
+
+def _check(cfg: Config, tokenizer) -> None:
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size="
+                         f"{cfg.model.vocab_size}; set model.vocab_size={tokenizer.vocab_size}")
+    check_seq_len(cfg.data.seq_len, cfg.model.context)
+    if cfg.data.batch_size % cfg.optim.grad_accum:
+        raise ValueError(f"data.batch_size={cfg.data.batch_size} is not divisible by optim.grad_accum="
+                         f"{cfg.optim.grad_accum}")
+    if objective_needs_mask(cfg) and tokenizer.mask_id is None:
+        raise ValueError(f"train.objective={cfg.train.objective} on an encoder needs a tokenizer with a mask token")
+
+
+def _teacher(cfg: Config, mesh, log):
+    """(graphdef, params on the mesh, layer pairs) of distill.teacher, checked against the student."""
+    if not cfg.distill.teacher:
+        raise ValueError("train.objective=distill needs distill.teacher=PATH (any model jaxlm.load accepts)")
+    t_cfg, t_params, _ = read_base(cfg.distill.teacher, "distill.teacher")
+    check_teacher(cfg.model, t_cfg)
+    t_cfg = t_cfg.replace(dtype=cfg.train.dtype, scan_layers=cfg.model.scan_layers)
+    check_model_fits(t_cfg, mesh)
+    pairs = layer_pairs(cfg.model.n_layers, t_cfg.n_layers, cfg.distill.layer_map)
+    log(f"distilling from {cfg.distill.teacher} ({t_cfg.n_layers} layers, d={t_cfg.d_model}): T="
+        f"{cfg.distill.temperature}, alpha={cfg.distill.alpha}, attention weight {cfg.distill.attention_weight}")
+    t_params = jax.device_put(params_for(t_cfg, t_params), param_shardings(t_cfg, mesh))
+    return nnx.graphdef(abstract_model(t_cfg)), t_params, pairs
+
+
+def _init_params(cfg: Config, model_cfg: ModelConfig, mesh, base_params):
+    """(trainable params, frozen params or None, trainable params' shardings), created straight
+    into the mesh layout (the full model never sits on one device), the base model's weights
+    replacing the fresh ones where it has them (new adapters stay as initialised)."""
+    p_sharding = param_shardings(model_cfg, mesh)
+    init = jax.jit(lambda: nnx.to_pure_dict(nnx.state(build_model(model_cfg, cfg.train.seed), nnx.Param)),
+                   out_shardings=p_sharding)
+    params = init()
+    if base_params is not None:
+        params = tree.overlay(params, base_params)
+        if cfg.adapt.method == "prompt":  # a soft prompt starts as the embeddings of random tokens
+            ids = np.random.default_rng(cfg.train.seed).integers(0, model_cfg.vocab_size, model_cfg.prompt_length)
+            params["prompt"] = jnp.take(params["embed"]["tokens"]["embedding"], jnp.asarray(ids), axis=0)
+        params = jax.device_put(params, p_sharding)
+    # The optimizer and the checkpoints hold the trainable parameters only.
+    keep = trainable(cfg.adapt.method)
+    params, frozen = tree.split(params, keep)
+    p_sharding, _ = tree.split(p_sharding, keep)
+    return params, frozen or None, p_sharding
+
+
+def _restore(ckpts: TrainCheckpoints, step: int, workdir: Path, cfg: Config, params, opt_state, it):
+    saved = ModelConfig.from_dict(ckpts.meta(step)["config"]["model"])
+    field = saved.first_difference(cfg.model, CHECKPOINT_FIELDS)
+    if field is not None:
+        raise ValueError(f"{workdir} holds a checkpoint of a different model (model.{field}: "
+                         f"{getattr(saved, field)!r} there, {getattr(cfg.model, field)!r} now); "
+                         "use another train.workdir")
+    try:
+        return ckpts.restore(step, params, opt_state, it)
+    except ValueError as e:  # e.g. optim.name or optim.clip_norm changed the optimizer state
+        raise ValueError(f"{workdir}/checkpoints/{step} does not match this run's optimizer state "
+                         f"({str(e).splitlines()[0]}); keep the optim settings or use another "
+                         "train.workdir") from None
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop lines past the restored step (they will be logged again, identically)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)

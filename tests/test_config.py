@@ -32,12 +32,12 @@ def test_paths_become_absolute_where_they_exist(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "base").mkdir()
     (tmp_path / "text").mkdir()
-    cfg = load_config(None, ["adapt.init=base", "distill.teacher=gpt2", "data.path=text,more/*.txt,missing",
-                             "data.data_dir=cache", "train.workdir=runs/x"]).with_absolute_paths()
-    assert cfg.adapt.init == str(tmp_path / "base")
-    assert cfg.distill.teacher == "gpt2"  # a hub id, not a local path
+    cfg = load_config(None, ["adapt.init=base", "distill.teacher=./base", "data.path=text,more/*.txt,missing",
+                             "data.data_dir=cache", "data.tokenizer=gpt2", "train.workdir=runs/x"]).with_absolute_paths()
+    assert cfg.adapt.init == str(tmp_path / "base") and cfg.distill.teacher == str(tmp_path / "base")
+    assert cfg.data.tokenizer == "gpt2"  # not a local path (a hub id stays as given)
     assert cfg.data.path == f"{tmp_path / 'text'},{tmp_path / 'more/*.txt'},missing"
-    assert cfg.data.data_dir == str(tmp_path / "cache") and cfg.data.tokenizer == "byte"
+    assert cfg.data.data_dir == str(tmp_path / "cache")
     assert cfg.train.workdir == "runs/x"  # the run's own directory, as given
 
 

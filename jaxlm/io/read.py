@@ -73,7 +73,7 @@ def read_base(init: str, user: str):
 
 def check_same_base(base: ModelConfig, adapted: ModelConfig, where: str) -> None:
     """Refuse a base model whose parameters are not the ones the adapters were trained on."""
-    for f in fields_of("shape"):
-        if getattr(base, f) != getattr(adapted, f):
-            raise ValueError(f"the base model {where} no longer matches its adapters (model.{f}: "
-                             f"{getattr(base, f)!r} there, {getattr(adapted, f)!r} when they were trained)")
+    f = base.first_difference(adapted, fields_of("shape"))
+    if f is not None:
+        raise ValueError(f"the base model {where} no longer matches its adapters (model.{f}: "
+                         f"{getattr(base, f)!r} there, {getattr(adapted, f)!r} when they were trained)")

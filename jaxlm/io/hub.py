@@ -26,10 +26,3 @@ def local_dir(path) -> Path:
             f"{path} is not a local directory and could not be fetched from the Hugging Face hub"
             f" ({type(e).__name__})") from None
 
-
-def resolve_local(path: str) -> str:
-    """An existing local path made absolute (so a saved reference works from any directory);
-    anything else (a hub id, an empty string) unchanged."""
-    if path and Path(path).expanduser().exists():
-        return str(Path(path).expanduser().absolute())
-    return path

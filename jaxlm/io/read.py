@@ -36,13 +36,9 @@ def read_model(path):
     raise ValueError(f"{path} holds no model: expected the config.json of a jaxlm or Hugging Face model")
 
 
-def read_run_config(workdir) -> Config:
-    return Config.from_dict(json.loads(Path(workdir, "config.json").read_text()))
-
-
 def read_workdir(path):
     """(model config, params in the run's layout, tokenizer) from a training workdir's latest checkpoint."""
-    cfg = read_run_config(path)
+    cfg = Config.from_dict(json.loads(Path(path, "config.json").read_text()))
     ckpts = TrainCheckpoints(path)
     step = ckpts.latest_step()
     if step is None:

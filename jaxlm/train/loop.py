@@ -27,6 +27,7 @@ class Trainer:
         self.run = run
         self.hooks: list[Hook] = []
         self.metric_hooks: list[Callable[[int, dict], None]] = []
+        self.sinks: list[Callable[[dict], None]] = []
         self.last: dict = {}  # the latest step's metrics, with the latest evaluation's
         self.stop_requested = False
         self._pending = None  # (step, metrics still on the device)
@@ -38,6 +39,17 @@ class Trainer:
     def on_metrics(self, fn: Callable[[int, dict], None]) -> None:
         """Register ``fn(step, metrics as floats)``, called once for every step, in order."""
         self.metric_hooks.append(fn)
+
+    def on_record(self, fn: Callable[[dict], None]) -> None:
+        """Register a sink for every record: each step's metrics and each evaluation's, with "step"."""
+        self.sinks.append(fn)
+
+    def record(self, record: dict) -> None:
+        """Hand a record to the sinks; after the first step its values also join ``last``."""
+        for fn in self.sinks:
+            fn(record)
+        if record["step"]:
+            self.last.update((k, v) for k, v in record.items() if k != "step")
 
     def request_stop(self) -> None:
         self.stop_requested = True
@@ -54,9 +66,11 @@ class Trainer:
         if self._pending is not None:
             step, metrics = self._pending
             self._pending = None
-            self.last = {k: float(v) for k, v in metrics.items()}
+            host = {k: float(v) for k, v in metrics.items()}
             for fn in self.metric_hooks:
-                fn(step, self.last)
+                fn(step, host)
+            self.last = {}
+            self.record({"step": step, **host})
 
     def train(self) -> dict:
         """Run the remaining steps; returns the last metrics."""
@@ -93,12 +107,12 @@ def train(cfg: Config, *, log=None, hooks=()) -> dict:
     metrics_log = MetricsLog(run)
     preemption = Preemption(trainer.request_stop)
     try:
-        trainer.on_metrics(nan_stop(run))
-        trainer.on_metrics(lambda step, m: metrics_log.write({"step": step, **m}))
+        trainer.on_metrics(nan_stop(run))  # first: a non-finite loss is never written
         trainer.on_metrics(Progress(run))
+        trainer.on_record(metrics_log.write)
         trainer.add_hook(checkpoint_hook(run))
         if run.cfg.train.eval_every:
-            trainer.add_hook(eval_hook(run, lambda record: _record_eval(trainer, metrics_log, record)))
+            trainer.add_hook(eval_hook(run, trainer.record))
         trainer.add_hook(preemption.hook(run))
         if run.cfg.prune.sparsity:
             trainer.add_hook(pruning_hook(run))
@@ -113,8 +127,3 @@ def train(cfg: Config, *, log=None, hooks=()) -> dict:
     log(f"done in {time.perf_counter() - t_start:.0f}s: {run.workdir}")
     return last
 
-
-def _record_eval(trainer: Trainer, metrics_log: MetricsLog, record: dict) -> None:
-    metrics_log.write(record)
-    if record["step"]:
-        trainer.last.update({k: v for k, v in record.items() if k != "step"})

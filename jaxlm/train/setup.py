@@ -85,10 +85,6 @@ def data_tokenizer(data_cfg) -> Tokenizer:
     return tok
 
 
-def objective_needs_mask(cfg: Config) -> bool:
-    return cfg.train.objective == "mlm" or (cfg.train.objective == "distill" and not cfg.model.causal)
-
-
 def setup(cfg: Config, log) -> Run:
     """Build (or restore) everything a run of ``cfg`` needs; see the module docstring."""
     cfg = cfg.with_absolute_paths()  # a run's config.json refers to other models from any directory
@@ -201,7 +197,8 @@ def _check(cfg: Config, tokenizer) -> None:
     if cfg.data.batch_size % cfg.optim.grad_accum:
         raise ValueError(f"data.batch_size={cfg.data.batch_size} is not divisible by optim.grad_accum="
                          f"{cfg.optim.grad_accum}")
-    if objective_needs_mask(cfg) and tokenizer.mask_id is None:
+    masked = cfg.train.objective == "mlm" or (cfg.train.objective == "distill" and not cfg.model.causal)
+    if masked and tokenizer.mask_id is None:
         raise ValueError(f"train.objective={cfg.train.objective} on an encoder needs a tokenizer with a mask token")
 
 

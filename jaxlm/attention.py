@@ -8,36 +8,46 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from jaxlm.layers import Dense, apply_rope, dense_options, dropout
+from jaxlm.layers import Dense, Norm, apply_rope, dense_options, dropout, rope_frequencies
 
 
-def make_mask(key_valid, query_slots=None, *, causal: bool):
+def make_mask(key_valid, query_slots=None, *, causal: bool, window: int | None = None):
     """Boolean mask [B, 1, T, S] (causal) or [B, 1, 1, S]: which keys each query may attend to.
 
     key_valid: [B, S] bool, False for padding (or not yet written cache slots).
     query_slots: [B, T] int, the key index each query sits at (default: 0..T-1, i.e. T == S).
+    window: a causal query sees only the last ``window`` slots, itself included (sliding-window
+    attention). Slots and positions differ only by left padding, so distances are the same.
     """
     mask = key_valid[:, None, None, :]
     if causal:
         b, s = key_valid.shape
         if query_slots is None:
             query_slots = jnp.broadcast_to(jnp.arange(s), (b, s))
-        mask = mask & (jnp.arange(s)[None, None, None, :] <= query_slots[:, None, :, None])
+        keys, queries = jnp.arange(s)[None, None, None, :], query_slots[:, None, :, None]
+        mask = mask & (keys <= queries)
+        if window is not None:
+            mask = mask & (queries - keys < window)
     return mask
 
 
-def einsum_attention(q, k, v, mask, *, dropout_rate: float = 0.0, key=None):
-    """Reference attention: softmax(q k^T / sqrt(Dh) + mask) v in float32. Returns (out, probs).
+def einsum_attention(q, k, v, mask, *, dropout_rate: float = 0.0, key=None, scale: float | None = None,
+                     softcap: float | None = None):
+    """Reference attention: softmax(q k^T * scale + mask) v in float32. Returns (out, probs).
 
     q: [B, T, H, Dh]; k, v: [B, S, K, Dh]; mask: [B, 1, T, S] bool. probs: [B, H, T, S].
+    ``scale`` defaults to 1 / sqrt(Dh); ``softcap`` bounds the scores: cap * tanh(scores / cap).
     """
     b, t, h, dh = q.shape
     kh = k.shape[2]
     q = q.reshape(b, t, kh, h // kh, dh)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = scores.reshape(b, h, t, -1) * (dh ** -0.5)
+    scores = scores.reshape(b, h, t, -1) * (dh ** -0.5 if scale is None else scale)
+    if softcap is not None:
+        scores = softcap * jnp.tanh(scores / softcap)
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
     dropped = dropout(probs, dropout_rate, key).astype(v.dtype)
@@ -45,28 +55,40 @@ def einsum_attention(q, k, v, mask, *, dropout_rate: float = 0.0, key=None):
     return out.reshape(b, t, h, dh), probs
 
 
-def dot_product_attention(q, k, v, mask, *, impl: str = "xla", dropout_rate: float = 0.0, key=None):
+def dot_product_attention(q, k, v, mask, *, impl: str = "xla", dropout_rate: float = 0.0, key=None,
+                          scale: float | None = None, softcap: float | None = None):
     """Attention output [B, T, H, Dh] via jax.nn.dot_product_attention (XLA or cuDNN flash).
 
-    Attention-probability dropout is only available on the einsum path, which is used when active.
+    Attention-probability dropout and score soft-capping are only available on the einsum path,
+    which is used when either is active.
     """
-    if impl == "einsum" or (dropout_rate > 0.0 and key is not None):
-        return einsum_attention(q, k, v, mask, dropout_rate=dropout_rate, key=key)[0]
+    if impl == "einsum" or softcap is not None or (dropout_rate > 0.0 and key is not None):
+        return einsum_attention(q, k, v, mask, dropout_rate=dropout_rate, key=key, scale=scale, softcap=softcap)[0]
     return jax.nn.dot_product_attention(
-        q, k, v, mask=mask, implementation="cudnn" if impl == "cudnn" else None)
+        q, k, v, mask=mask, scale=scale, implementation="cudnn" if impl == "cudnn" else None)
 
 
 class Attention(nnx.Module):
-    """Multi-head attention with grouped-query heads (K <= H) and optional rotary positions."""
+    """Multi-head attention with grouped-query heads (K <= H), optional rotary positions (with
+    long-context rescaling), per-head q / k norms, a custom score scale and score soft-capping."""
 
     def __init__(self, cfg, *, rngs: nnx.Rngs):
         d, h, kh, dh = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
-        dense = dict(use_bias=cfg.use_bias, std=cfg.init_std, dtype=jnp.dtype(cfg.dtype), rngs=rngs)
-        self.q = Dense("btd,dhk->bthk", (d, h, dh), ("embed", "heads", "kv"), **dense, **dense_options(cfg, "q"))
-        self.k = Dense("btd,dhk->bthk", (d, kh, dh), ("embed", "kv_heads", "kv"), **dense, **dense_options(cfg, "k"))
-        self.v = Dense("btd,dhk->bthk", (d, kh, dh), ("embed", "kv_heads", "kv"), **dense, **dense_options(cfg, "v"))
-        self.o = Dense("bthk,hkd->btd", (h, dh, d), ("heads", "kv", "embed"), **dense, **dense_options(cfg, "o"))
-        self.rope_theta = cfg.rope_theta if cfg.positions == "rope" else None
+        dense = dict(std=cfg.init_std, dtype=jnp.dtype(cfg.dtype), rngs=rngs)
+        qkv = dict(dense, use_bias=cfg.has_qkv_bias)
+        self.q = Dense("btd,dhk->bthk", (d, h, dh), ("embed", "heads", "kv"), **qkv, **dense_options(cfg, "q"))
+        self.k = Dense("btd,dhk->bthk", (d, kh, dh), ("embed", "kv_heads", "kv"), **qkv, **dense_options(cfg, "k"))
+        self.v = Dense("btd,dhk->bthk", (d, kh, dh), ("embed", "kv_heads", "kv"), **qkv, **dense_options(cfg, "v"))
+        self.o = Dense("bthk,hkd->btd", (h, dh, d), ("heads", "kv", "embed"), use_bias=cfg.use_bias, **dense,
+                       **dense_options(cfg, "o"))
+        norm = dict(kind="rmsnorm", eps=cfg.norm_eps, unit_offset=cfg.norm_unit_offset, axis="kv")
+        self.q_norm = Norm(dh, **norm) if cfg.qk_norm else None
+        self.k_norm = Norm(dh, **norm) if cfg.qk_norm else None
+        self.rope = (tuple(float(f) for f in rope_frequencies(
+            dh, cfg.rope_theta, cfg.rope_scaling, cfg.rope_factor, cfg.rope_low_freq_factor,
+            cfg.rope_high_freq_factor, cfg.rope_original_max_len)) if cfg.positions == "rope" else None)
+        self.scale = None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar ** -0.5
+        self.softcap = cfg.attn_softcap
         self.impl = cfg.attention_impl
         self.attention_dropout = cfg.attention_dropout
         self.dropout = cfg.dropout
@@ -81,9 +103,12 @@ class Attention(nnx.Module):
         (computed by the einsum path).
         """
         q, k, v = self.q(x), self.k(x), self.v(x)
-        if self.rope_theta is not None:
-            q = apply_rope(q, positions, self.rope_theta)
-            k = apply_rope(k, positions, self.rope_theta)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rope is not None:
+            inv = np.asarray(self.rope, np.float32)
+            q = apply_rope(q, positions, inv)
+            k = apply_rope(k, positions, inv)
         if kv_cache is not None:
             k_cache, v_cache = kv_cache
             k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, cache_index, 0, 0))
@@ -92,8 +117,10 @@ class Attention(nnx.Module):
         k_attn, k_drop = (None, None) if key is None else jax.random.split(key)
         if need_probs:
             out, probs = einsum_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask,
-                                          dropout_rate=self.attention_dropout, key=k_attn)
+                                          dropout_rate=self.attention_dropout, key=k_attn, scale=self.scale,
+                                          softcap=self.softcap)
             return dropout(self.o(out), self.dropout, k_drop), kv_cache, probs
         out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, impl=self.impl,
-                                    dropout_rate=self.attention_dropout, key=k_attn)
+                                    dropout_rate=self.attention_dropout, key=k_attn, scale=self.scale,
+                                    softcap=self.softcap)
         return dropout(self.o(out), self.dropout, k_drop), kv_cache

@@ -15,19 +15,21 @@ from typing import Any
 
 import yaml
 
-BLOCK_KERNELS = ("q", "k", "v", "o", "up", "down")
+BLOCK_KERNELS = ("q", "k", "v", "o", "up", "down", "gate")  # gate: gated MLPs only
 
 _CHOICES = {
     "arch": ("decoder", "encoder"),
     "activation": ("gelu_tanh", "gelu", "relu", "silu"),
     "norm": ("layernorm", "rmsnorm"),
-    "norm_position": ("pre", "post"),
+    "norm_position": ("pre", "post", "sandwich"),
     "positions": ("learned", "sinusoidal", "rope", "none"),
     "head": ("lm", "mlm", "classify", "none"),
     "dtype": ("float32", "bfloat16", "float16"),
     "attention_impl": ("xla", "cudnn", "einsum"),
     "quantize": ("none", "int8"),
+    "rope_scaling": ("none", "linear", "llama3"),
 }
+LAYER_TYPES = ("full", "sliding")
 
 
 def closest(name: str, allowed) -> str:
@@ -73,13 +75,29 @@ class ModelConfig:
     activation: str = _field("gelu_tanh", "function")
     norm: str = _field("layernorm", "shape")  # rmsnorm has no bias
     norm_eps: float = _field(1e-5, "function")
-    norm_position: str = _field("pre", "function")  # pre: x + f(norm(x)) (GPT-2); post: norm(x + f(x)) (BERT)
+    # pre: x + f(norm(x)) (GPT-2, Llama); post: norm(x + f(x)) (BERT); sandwich: x + norm(f(norm(x))) (Gemma 2)
+    norm_position: str = _field("pre", "shape")
+    norm_unit_offset: bool = _field(False, "function")  # RMSNorm scale is 1 + weight, weights start at 0 (Gemma)
     embed_norm: bool = _field(False, "shape")  # normalise the summed embeddings (BERT)
+    embed_scale: bool = _field(False, "function")  # token embeddings times sqrt(d_model) (Gemma)
     final_norm: bool = _field(True, "shape")  # norm after the last block (pre-LN models)
     positions: str = _field("learned", "shape")
     rope_theta: float = _field(10000.0, "function")
+    rope_scaling: str = _field("none", "function")  # linear: positions / factor; llama3: Llama 3.1's bands
+    rope_factor: float = _field(1.0, "function")
+    rope_low_freq_factor: float = _field(1.0, "function")  # llama3 only
+    rope_high_freq_factor: float = _field(4.0, "function")  # llama3 only
+    rope_original_max_len: int = _field(8192, "function")  # llama3 only: the pre-training context
+    sliding_window: int | None = _field(None, "function")  # a query sees the last N keys (itself included)
+    layer_types: tuple[str, ...] = _field((), "function")  # per layer "full" / "sliding"; () = all alike
+    attn_softcap: float | None = _field(None, "function")  # scores -> cap * tanh(scores / cap) (Gemma 2)
+    final_softcap: float | None = _field(None, "function")  # logits -> cap * tanh(logits / cap) (Gemma 2)
+    query_pre_attn_scalar: float | None = _field(None, "function")  # scores scaled by this ** -0.5; None: head_dim
     type_vocab_size: int = _field(0, "shape")  # token-type (segment) embeddings; 0 = none
     use_bias: bool = _field(True, "shape")
+    qkv_bias: bool | None = _field(None, "shape")  # biases on q, k, v only (Qwen 2); None = use_bias
+    qk_norm: bool = _field(False, "shape")  # RMSNorm over each head of q and k (Qwen 3)
+    gated_mlp: bool = _field(False, "shape")  # down(act(gate(x)) * up(x)): SwiGLU / GeGLU
     tie_embeddings: bool = _field(True, "shape")  # LM / MLM decoder shares the token embedding matrix
     head: str = _field("lm", "shape")
     pooler: bool = _field(False, "shape")  # dense + tanh on the first token (BERT)
@@ -107,7 +125,7 @@ class ModelConfig:
     attention_impl: str = _field("xla", "runtime")
 
     def __post_init__(self):
-        for field in ("lora_targets", "factor_targets", "label_names"):  # YAML / JSON lists or "q,v" strings
+        for field in ("lora_targets", "factor_targets", "label_names", "layer_types"):  # lists or "q,v" strings
             value = getattr(self, field)
             names = value.split(",") if isinstance(value, str) else value
             object.__setattr__(self, field, tuple(n.strip() for n in names if n.strip()))
@@ -131,6 +149,20 @@ class ModelConfig:
             )
         if self.positions == "rope" and self.dim_per_head % 2:
             raise ValueError(f"rotary positions need an even head_dim, got {self.dim_per_head}")
+        if self.rope_scaling != "none" and not self.rope_factor > 0:
+            raise ValueError(f"ModelConfig.rope_factor={self.rope_factor} must be > 0")
+        if self.layer_types:
+            if len(self.layer_types) != self.n_layers:
+                raise ValueError(f"{len(self.layer_types)} layer_types for n_layers={self.n_layers}")
+            bad = [t for t in self.layer_types if t not in LAYER_TYPES]
+            if bad:
+                raise ValueError(f"layer type {bad[0]!r} is not one of {', '.join(LAYER_TYPES)}" + closest(bad[0], LAYER_TYPES))
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"ModelConfig.sliding_window={self.sliding_window} must be >= 1 (or None)")
+        if "sliding" in self.layer_types and self.sliding_window is None:
+            raise ValueError("sliding layer_types need a sliding_window")
+        if self.sliding_window is not None and not self.causal:
+            raise ValueError("sliding_window is for decoders (causal attention)")
         if not 0 <= self.prompt_length < self.max_len:
             raise ValueError(f"ModelConfig.prompt_length={self.prompt_length} must be in [0, max_len={self.max_len})")
         if self.label_names and len(self.label_names) != self.num_labels:
@@ -140,9 +172,9 @@ class ModelConfig:
             if rank < 0:
                 raise ValueError(f"ModelConfig.{kind}_rank={rank} must be >= 0")
             for name in targets if rank else ():
-                if name not in BLOCK_KERNELS:
+                if name not in self.block_kernels:
                     raise ValueError(f"{kind} target {name!r} matches no kernel; the kernels of a block are "
-                                     f"{', '.join(BLOCK_KERNELS)}" + closest(name, BLOCK_KERNELS))
+                                     f"{', '.join(self.block_kernels)}" + closest(name, self.block_kernels))
                 fan_in, fan_out = self.kernel_dims(name)
                 if rank > min(fan_in, fan_out):
                     raise ValueError(f"{kind} rank {rank} is larger than kernel {name!r} allows: it is "
@@ -172,11 +204,26 @@ class ModelConfig:
     def causal(self) -> bool:
         return self.arch == "decoder"
 
+    @property
+    def block_kernels(self) -> tuple[str, ...]:
+        """The kernels of one block: q, k, v, o, up, down (and gate in a gated MLP)."""
+        return BLOCK_KERNELS if self.gated_mlp else BLOCK_KERNELS[:-1]
+
+    @property
+    def layer_windows(self) -> tuple[int | None, ...]:
+        """Each layer's sliding window (None: it sees every earlier key)."""
+        types = self.layer_types or ("sliding" if self.sliding_window else "full",) * self.n_layers
+        return tuple(self.sliding_window if t == "sliding" else None for t in types)
+
+    @property
+    def has_qkv_bias(self) -> bool:
+        return self.use_bias if self.qkv_bias is None else self.qkv_bias
+
     def kernel_dims(self, name: str) -> tuple[int, int]:
-        """(fan-in, fan-out) of a block kernel: q, k, v, o, up or down."""
+        """(fan-in, fan-out) of a block kernel: q, k, v, o, up, down or gate."""
         d, hd, kd = self.d_model, self.n_heads * self.dim_per_head, self.kv_heads * self.dim_per_head
         return {"q": (d, hd), "k": (d, kd), "v": (d, kd), "o": (hd, d), "up": (d, self.mlp_dim),
-                "down": (self.mlp_dim, d)}[name]
+                "down": (self.mlp_dim, d), "gate": (d, self.mlp_dim)}[name]
 
     # Presets --------------------------------------------------------------------------------
     @classmethod
@@ -251,6 +298,46 @@ PRESETS: dict[str, dict[str, Any]] = {
     "bert-large-uncased": dict(_BERT, d_model=1024, n_layers=24, n_heads=16),
     "bert-tiny": dict(_BERT, d_model=64, n_layers=2, n_heads=4, max_len=128),
 }
+
+# The Llama-layout families: RMSNorm, rotary positions, a gated MLP, no biases, no dropout.
+_LLAMA = dict(arch="decoder", activation="silu", norm="rmsnorm", positions="rope", use_bias=False, gated_mlp=True,
+              tie_embeddings=False, dropout=0.0, attention_dropout=0.0)
+_GEMMA = dict(_LLAMA, activation="gelu_tanh", norm_unit_offset=True, embed_scale=True, tie_embeddings=True,
+              norm_eps=1e-6, pad_token_id=0, bos_token_id=2, eos_token_id=1)
+_TINY = dict(vocab_size=512, max_len=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128)
+
+
+def _gemma2(n_layers: int, **fields) -> dict[str, Any]:
+    return dict(_GEMMA, norm_position="sandwich", layer_types=("sliding", "full") * (n_layers // 2),
+                attn_softcap=50.0, final_softcap=30.0, n_layers=n_layers, **fields)
+
+
+PRESETS.update({
+    "llama-tiny": dict(_LLAMA, **_TINY, norm_eps=1e-5),
+    "llama3.2-1b": dict(_LLAMA, vocab_size=128256, max_len=131072, d_model=2048, n_layers=16, n_heads=32,
+                        n_kv_heads=8, d_ff=8192, norm_eps=1e-5, rope_theta=500000.0, rope_scaling="llama3",
+                        rope_factor=32.0, tie_embeddings=True, bos_token_id=128000, eos_token_id=128001),
+    "llama3-8b": dict(_LLAMA, vocab_size=128256, max_len=8192, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+                      d_ff=14336, norm_eps=1e-5, rope_theta=500000.0, bos_token_id=128000, eos_token_id=128001),
+    "mistral-tiny": dict(_LLAMA, **_TINY, norm_eps=1e-5, sliding_window=16),
+    "mistral-7b": dict(_LLAMA, vocab_size=32000, max_len=32768, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+                       d_ff=14336, norm_eps=1e-5, sliding_window=4096, bos_token_id=1, eos_token_id=2),
+    "qwen2-tiny": dict(_LLAMA, **_TINY, norm_eps=1e-6, qkv_bias=True),
+    "qwen2.5-0.5b": dict(_LLAMA, vocab_size=151936, max_len=32768, d_model=896, n_layers=24, n_heads=14, n_kv_heads=2,
+                         d_ff=4864, norm_eps=1e-6, rope_theta=1000000.0, qkv_bias=True, tie_embeddings=True,
+                         bos_token_id=151643, eos_token_id=151643),
+    "qwen3-tiny": dict(_LLAMA, **_TINY, head_dim=32, norm_eps=1e-6, qk_norm=True),
+    "qwen3-0.6b": dict(_LLAMA, vocab_size=151936, max_len=40960, d_model=1024, n_layers=28, n_heads=16, n_kv_heads=8,
+                       head_dim=128, d_ff=3072, norm_eps=1e-6, rope_theta=1000000.0, qk_norm=True,
+                       tie_embeddings=True, bos_token_id=151643, eos_token_id=151645),
+    "gemma-tiny": dict(_GEMMA, **{**_TINY, "n_kv_heads": 1}, head_dim=32),
+    "gemma-2b": dict(_GEMMA, vocab_size=256000, max_len=8192, d_model=2048, n_layers=18, n_heads=8, n_kv_heads=1,
+                     d_ff=16384),
+    "gemma2-tiny": _gemma2(2, **{k: v for k, v in _TINY.items() if k != "n_layers"}, head_dim=32, sliding_window=16,
+                           query_pre_attn_scalar=24.0),
+    "gemma2-2b": _gemma2(26, vocab_size=256000, max_len=8192, d_model=2304, n_heads=8, n_kv_heads=4, head_dim=256,
+                         d_ff=9216, sliding_window=4096, query_pre_attn_scalar=256.0),
+})
 
 
 # Training configuration -------------------------------------------------------------------------

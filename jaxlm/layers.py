@@ -11,6 +11,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 Axes = tuple[str | None, ...]
@@ -115,13 +116,17 @@ class Dense(nnx.Module):
 
 
 class Norm(nnx.Module):
-    """LayerNorm (scale and bias) or RMSNorm (scale only), computed in float32."""
+    """LayerNorm (scale and bias) or RMSNorm (scale only), computed in float32.
 
-    def __init__(self, dim: int, kind: str, eps: float):
+    ``unit_offset``: the scale is 1 + weight, the weight starting at 0 (Gemma's RMSNorm).
+    """
+
+    def __init__(self, dim: int, kind: str, eps: float, *, unit_offset: bool = False, axis: str = "embed"):
         self.kind = kind
         self.eps = eps
-        self.scale = param(None, (dim,), ("embed",), "ones")
-        self.bias = param(None, (dim,), ("embed",), "zeros") if kind == "layernorm" else None
+        self.offset = 1.0 if unit_offset else 0.0
+        self.scale = param(None, (dim,), (axis,), "zeros" if unit_offset else "ones")
+        self.bias = param(None, (dim,), (axis,), "zeros") if kind == "layernorm" else None
 
     def __call__(self, x):
         dtype = x.dtype
@@ -129,7 +134,7 @@ class Norm(nnx.Module):
         if self.kind == "layernorm":
             x = x - x.mean(-1, keepdims=True)
         x = x * jax.lax.rsqrt(jnp.square(x).mean(-1, keepdims=True) + self.eps)
-        x = x * self.scale[...]
+        x = x * (self.offset + self.scale[...]) if self.offset else x * self.scale[...]
         if self.bias is not None:
             x = x + self.bias[...]
         return x.astype(dtype)
@@ -175,19 +180,20 @@ ACTIVATIONS = {
 
 
 class MLP(nnx.Module):
-    """Position-wise feed-forward: down(act(up(x))), D -> F -> D."""
+    """Position-wise feed-forward, D -> F -> D: down(act(up(x))), or gated (SwiGLU / GeGLU)
+    down(act(gate(x)) * up(x))."""
 
     def __init__(self, d: int, f: int, activation: str, *, use_bias: bool, std: float, dtype,
-                 rngs: nnx.Rngs, options=None):
+                 rngs: nnx.Rngs, gated: bool = False, options=None):
         self.act = ACTIVATIONS[activation]
         options = options or (lambda name: {})
-        self.up = Dense("btd,df->btf", (d, f), ("embed", "mlp"), use_bias=use_bias, std=std,
-                        dtype=dtype, rngs=rngs, **options("up"))
-        self.down = Dense("btf,fd->btd", (f, d), ("mlp", "embed"), use_bias=use_bias, std=std,
-                          dtype=dtype, rngs=rngs, **options("down"))
+        dense = dict(use_bias=use_bias, std=std, dtype=dtype, rngs=rngs)
+        self.up = Dense("btd,df->btf", (d, f), ("embed", "mlp"), **dense, **options("up"))
+        self.gate = Dense("btd,df->btf", (d, f), ("embed", "mlp"), **dense, **options("gate")) if gated else None
+        self.down = Dense("btf,fd->btd", (f, d), ("mlp", "embed"), **dense, **options("down"))
 
     def __call__(self, x, dropout_rate: float = 0.0, key=None):
-        h = self.act(self.up(x))
+        h = self.act(self.up(x)) if self.gate is None else self.act(self.gate(x)) * self.up(x)
         return dropout(self.down(h), dropout_rate, key)
 
 
@@ -211,13 +217,36 @@ def sinusoidal_positions(length: int, dim: int) -> jnp.ndarray:
     return table.at[:, 1::2].set(jnp.cos(pos * inv[: dim // 2]))
 
 
-def apply_rope(x, positions, theta: float = 10000.0):
+def rope_frequencies(head_dim: int, theta: float = 10000.0, scaling: str = "none", factor: float = 1.0,
+                     low_freq_factor: float = 1.0, high_freq_factor: float = 4.0,
+                     original_max_len: int = 8192) -> np.ndarray:
+    """The rotation frequencies theta^(-2i/Dh) [Dh/2] (float32), optionally rescaled for longer
+    contexts: "linear" divides all by ``factor``; "llama3" (Llama 3.1) divides the low frequencies
+    (wavelength past original_max_len / low_freq_factor) by ``factor``, keeps the high ones
+    (wavelength under original_max_len / high_freq_factor) and blends those in between."""
+    inv = (1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)).astype(np.float32)
+    if scaling == "linear":
+        return (inv / np.float32(factor)).astype(np.float32)
+    if scaling == "llama3":
+        low_wavelen, high_wavelen = original_max_len / low_freq_factor, original_max_len / high_freq_factor
+        wavelen = np.float32(2 * math.pi) / inv
+        scaled = np.where(wavelen > low_wavelen, inv / np.float32(factor), inv).astype(np.float32)
+        smooth = (original_max_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+        blended = (1 - smooth) * scaled / np.float32(factor) + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return np.where(medium, blended, scaled).astype(np.float32)
+    return inv
+
+
+def apply_rope(x, positions, theta: float | np.ndarray = 10000.0):
     """Rotary position embedding, half-split convention (GPT-NeoX / Llama in HF).
 
-    x: [B, T, H, Dh]; positions: [B, T]. Pairs (x[i], x[i + Dh/2]) rotate by positions * theta^(-2i/Dh).
+    x: [B, T, H, Dh]; positions: [B, T]. Pairs (x[i], x[i + Dh/2]) rotate by positions * inv[i], where
+    inv = theta^(-2i/Dh) for a number ``theta``, or ``theta`` itself when it is the frequency array
+    (``rope_frequencies``).
     """
     dh = x.shape[-1]
-    inv = theta ** (-jnp.arange(0, dh, 2, dtype=jnp.float32) / dh)  # [Dh/2]
+    inv = jnp.asarray(rope_frequencies(dh, theta) if np.ndim(theta) == 0 else theta, jnp.float32)  # [Dh/2]
     angle = positions.astype(jnp.float32)[..., None] * inv  # [B, T, Dh/2]
     sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)

@@ -22,8 +22,18 @@ SIZES = {
         "base": dict(),  # bert-base-uncased's 110M shape
     },
 }
+# The Llama-layout families at a tiny shape: 2 layers, d=64, 4 query heads over 2 (or 1) kv heads;
+# a window of 16 where the family has one, Gemma's head_dim of its own.
+_DECODER = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=256)
+for _family, _extra in {"llama": {}, "mistral": dict(sliding_window=16), "qwen2": {}, "qwen3": dict(head_dim=32),
+                        "gemma": dict(head_dim=32, num_key_value_heads=1),
+                        "gemma2": dict(head_dim=32, sliding_window=16, query_pre_attn_scalar=24)}.items():
+    SIZES[_family] = {"tiny": {**_DECODER, **_extra}}
+DECODERS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
+            "Qwen3ForCausalLM": "qwen3", "GemmaForCausalLM": "gemma", "Gemma2ForCausalLM": "gemma2"}
 ARCHITECTURES = ("GPT2LMHeadModel", "GPT2Model", "BertModel", "BertForMaskedLM",
-                 "BertForSequenceClassification")
+                 "BertForSequenceClassification", *DECODERS)
 
 
 def gpt2_tokenizer_files() -> dict[str, Path]:
@@ -50,9 +60,9 @@ def save_random_hf(architecture: str, dst, *, size: str = "tiny", init_range: fl
 
     if architecture not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {architecture!r}; choose from {', '.join(ARCHITECTURES)}")
-    family = "gpt2" if architecture.startswith("GPT2") else "bert"
+    family = DECODERS.get(architecture) or ("gpt2" if architecture.startswith("GPT2") else "bert")
     kwargs = {**SIZES[family][size], "initializer_range": init_range, **config}
-    cfg_cls = transformers.GPT2Config if family == "gpt2" else transformers.BertConfig
+    cfg_cls = transformers.AutoConfig.for_model(family).__class__
     torch.manual_seed(seed)
     model = getattr(transformers, architecture)(cfg_cls(**kwargs)).eval()
     dst = Path(dst)

@@ -9,6 +9,8 @@ Randomness is explicit: dropout is active only when a ``key`` is passed.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -23,28 +25,40 @@ def _split(key, n):
     return [None] * n if key is None else list(jax.random.split(key, n))
 
 
+def _norm(cfg: ModelConfig) -> Norm:
+    return Norm(cfg.d_model, cfg.norm, cfg.norm_eps, unit_offset=cfg.norm_unit_offset)
+
+
 class Block(nnx.Module):
-    """Attention + MLP with residuals; pre-LN x + f(norm(x)) or post-LN norm(x + f(x))."""
+    """Attention + MLP with residuals: pre-LN x + f(norm(x)), post-LN norm(x + f(x)), or sandwich
+    x + norm(f(norm(x))) (Gemma 2: a norm before and after each of attention and MLP)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        self.pre_norm = cfg.norm_position == "pre"
+        self.norm_position = cfg.norm_position
         self.dropout = cfg.dropout
-        self.attn_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps)
+        self.attn_norm = _norm(cfg)
         self.attn = Attention(cfg, rngs=rngs)
-        self.mlp_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps)
+        self.mlp_norm = _norm(cfg)
         self.mlp = MLP(cfg.d_model, cfg.mlp_dim, cfg.activation, use_bias=cfg.use_bias,
-                       std=cfg.init_std, dtype=jnp.dtype(cfg.dtype), rngs=rngs,
+                       std=cfg.init_std, dtype=jnp.dtype(cfg.dtype), rngs=rngs, gated=cfg.gated_mlp,
                        options=lambda name: dense_options(cfg, name))
+        sandwich = cfg.norm_position == "sandwich"
+        self.attn_post_norm = _norm(cfg) if sandwich else None
+        self.mlp_post_norm = _norm(cfg) if sandwich else None
 
     def __call__(self, x, mask, positions, *, kv_cache=None, cache_index=None, key=None, need_probs=False):
         """Returns (x, kv_cache): this layer's cache with the new tokens written (None without one);
         with ``need_probs``, (x, kv_cache, attention probabilities [B, H, T, S])."""
         k_attn, k_mlp = _split(key, 2)
         attn = dict(kv_cache=kv_cache, cache_index=cache_index, key=k_attn, need_probs=need_probs)
-        if self.pre_norm:
+        if self.norm_position == "pre":
             h, kv, *probs = self.attn(self.attn_norm(x), mask, positions, **attn)
             x = x + h
             x = x + self.mlp(self.mlp_norm(x), self.dropout, k_mlp)
+        elif self.norm_position == "sandwich":
+            h, kv, *probs = self.attn(self.attn_norm(x), mask, positions, **attn)
+            x = x + self.attn_post_norm(h)
+            x = x + self.mlp_post_norm(self.mlp(self.mlp_norm(x), self.dropout, k_mlp))
         else:
             h, kv, *probs = self.attn(x, mask, positions, **attn)
             x = self.attn_norm(x + h)
@@ -66,6 +80,7 @@ class Layers(nnx.Module):
         self.n_layers = cfg.n_layers
         self.scan = cfg.scan_layers
         self.remat = cfg.remat
+        self.sliding = tuple(w is not None for w in cfg.layer_windows)  # which layers take the window mask
 
         @nnx.split_rngs(splits=cfg.n_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=cfg.n_layers,
@@ -87,8 +102,10 @@ class Layers(nnx.Module):
                 blocks.append(block)
             self.blocks = nnx.List(blocks)
 
-    def __call__(self, x, mask, positions, *, cache=None, cache_index=None, key=None, need_probs=False):
-        """x: [B, T, D]; cache: None or ``init_cache``'s layout. Returns (x, updated cache).
+    def __call__(self, x, masks, positions, *, cache=None, cache_index=None, key=None, need_probs=False):
+        """x: [B, T, D]; masks: (mask, sliding-window mask or None), each [B, 1, T, S]: a layer
+        whose type is "sliding" takes the second when there is one; cache: None or ``init_cache``'s
+        layout. Returns (x, updated cache).
 
         Unrolled, the cache holds one buffer per layer ({"k": (L x [B, S, K, Dh]), "v": ...}) that
         each layer writes then reads, so XLA updates it in place; scanned, it is stacked
@@ -96,8 +113,9 @@ class Layers(nnx.Module):
         output: every layer's attention probabilities [L, B, H, T, S].
         """
         keys = [None] * self.n_layers if key is None else list(jax.random.split(key, self.n_layers))
+        full, sliding = masks
 
-        def run(block, h, layer_kv, layer_key):
+        def run(block, h, mask, layer_kv, layer_key):
             return block(h, mask, positions, kv_cache=layer_kv, cache_index=cache_index, key=layer_key,
                          need_probs=need_probs)
 
@@ -105,7 +123,8 @@ class Layers(nnx.Module):
             step = jax.checkpoint(run, prevent_cse=False) if self.remat else run
             ks, vs, maps = [], [], []
             for i, block in enumerate(self.blocks):
-                x, kv, *probs = step(block, x, None if cache is None else (cache["k"][i], cache["v"][i]), keys[i])
+                mask = sliding if sliding is not None and self.sliding[i] else full
+                x, kv, *probs = step(block, x, mask, None if cache is None else (cache["k"][i], cache["v"][i]), keys[i])
                 maps += probs
                 if kv is not None:
                     ks.append(kv[0])
@@ -117,10 +136,11 @@ class Layers(nnx.Module):
 
         def body(carry, xs):
             h, kc, vc = carry
-            layer_state, i, layer_key = xs
+            layer_state, i, layer_key, layer_sliding = xs
+            mask = full if sliding is None else jnp.where(layer_sliding, sliding, full)
             layer_kv = None if kc is None else (jax.lax.dynamic_index_in_dim(kc, i, keepdims=False),
                                                 jax.lax.dynamic_index_in_dim(vc, i, keepdims=False))
-            h, kv, *probs = run(nnx.merge(graphdef, layer_state), h, layer_kv, layer_key)
+            h, kv, *probs = run(nnx.merge(graphdef, layer_state), h, mask, layer_kv, layer_key)
             if kv is not None:
                 kc = jax.lax.dynamic_update_index_in_dim(kc, kv[0], i, 0)
                 vc = jax.lax.dynamic_update_index_in_dim(vc, kv[1], i, 0)
@@ -129,7 +149,8 @@ class Layers(nnx.Module):
         if self.remat:
             body = jax.checkpoint(body)
         carry = (x, None, None) if cache is None else (x, cache["k"], cache["v"])
-        xs = (state, jnp.arange(self.n_layers), None if key is None else jax.random.split(key, self.n_layers))
+        xs = (state, jnp.arange(self.n_layers), None if key is None else jax.random.split(key, self.n_layers),
+              jnp.asarray(self.sliding))
         (x, kc, vc), maps = jax.lax.scan(body, carry, xs)
         out = (x, (None if cache is None else {"k": kc, "v": vc}))
         return (*out, maps) if need_probs else out
@@ -166,6 +187,7 @@ class Embeddings(nnx.Module):
         self.kind = cfg.positions
         self.max_len = cfg.max_len
         self.d_model = cfg.d_model
+        self.scale = math.sqrt(cfg.d_model) if cfg.embed_scale else None
         self.dropout = cfg.dropout
         q = cfg.quantize
         self.tokens = Embed(cfg.vocab_size, cfg.d_model, ("vocab", "embed"), std=cfg.init_std,
@@ -174,10 +196,12 @@ class Embeddings(nnx.Module):
                                 dtype=dtype, rngs=rngs, quantize=q) if cfg.positions == "learned" else None)
         self.types = (Embed(cfg.type_vocab_size, cfg.d_model, (None, "embed"), std=cfg.init_std,
                             dtype=dtype, rngs=rngs, quantize=q) if cfg.type_vocab_size else None)
-        self.norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps) if cfg.embed_norm else None
+        self.norm = _norm(cfg) if cfg.embed_norm else None
 
     def __call__(self, ids, positions, token_type_ids=None, key=None):
         x = self.tokens(ids)
+        if self.scale is not None:  # in the compute dtype, as Gemma rounds it
+            x = x * jnp.asarray(self.scale, x.dtype)
         if self.positions is not None:
             x = x + self.positions(positions)
         elif self.kind == "sinusoidal":
@@ -201,11 +225,22 @@ class Transformer(nnx.Module):
         self.config = cfg
         self.embed = Embeddings(cfg, rngs=rngs)
         self.layers = Layers(cfg, rngs=rngs)
-        self.final_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps) if cfg.final_norm else None
+        self.final_norm = _norm(cfg) if cfg.final_norm else None
         # Prompt tuning (Lester et al. 2021): P trainable vectors before every input, at positions
         # 0..P-1; the text follows at positions P...; outputs at the prompt positions are dropped.
         self.prompt = (param(rngs.params(), (cfg.prompt_length, cfg.d_model), (None, "embed"), std=cfg.init_std)
                        if cfg.prompt_length else None)
+
+    def masks(self, key_valid, query_slots=None):
+        """(mask, sliding-window mask or None) for ``Layers``: the second only when some layers
+        slide and others do not; when all slide, the first is the windowed one."""
+        cfg = self.config
+        windows = set(cfg.layer_windows)
+        window = cfg.sliding_window if cfg.causal and windows != {None} else None
+        mask = make_mask(key_valid, query_slots, causal=cfg.causal, window=window if None not in windows else None)
+        if window is None or None not in windows:
+            return mask, None
+        return mask, make_mask(key_valid, query_slots, causal=True, window=window)
 
     def with_prompt(self, x, attention_mask, positions):
         """Prepend the soft prompt to embedded inputs x [B, T, D]: (x, mask, positions) of P + T."""
@@ -229,8 +264,7 @@ class Transformer(nnx.Module):
         k_embed, k_layers = _split(key, 2)
         x = self.embed(input_ids, positions, token_type_ids, k_embed)
         x, attention_mask, positions = self.with_prompt(x, attention_mask, positions)
-        mask = make_mask(attention_mask, causal=self.config.causal)
-        x, _, *maps = self.layers(x, mask, positions, key=k_layers, need_probs=need_probs)
+        x, _, *maps = self.layers(x, self.masks(attention_mask), positions, key=k_layers, need_probs=need_probs)
         x = x[:, p:]
         x = self.final_norm(x) if self.final_norm is not None else x
         return (x, maps[0]) if need_probs else x
@@ -250,15 +284,19 @@ class Decoder(Transformer):
                               use_bias=False, std=cfg.init_std, dtype=jnp.dtype(cfg.dtype), rngs=rngs,
                               quantize=cfg.quantize))
         self.dropout = cfg.dropout
+        self.softcap = cfg.final_softcap
         # head="classify": a linear layer on the hidden state of each row's last real token.
         self.classifier = (Dense("bd,dc->bc", (cfg.d_model, cfg.num_labels), ("embed", None), use_bias=True,
                                  std=cfg.init_std, dtype=jnp.dtype(cfg.dtype), rngs=rngs, quantize=cfg.quantize)
                            if cfg.head == "classify" else None)
 
     def head(self, h):
-        """Next-token logits [B, T, V] in float32."""
+        """Next-token logits [B, T, V] in float32 (soft-capped when final_softcap is set)."""
         logits = self.embed.tokens.attend(h) if self.lm_head is None else self.lm_head(h)
-        return logits.astype(jnp.float32)
+        logits = logits.astype(jnp.float32)
+        if self.softcap is not None:
+            logits = self.softcap * jnp.tanh(logits / self.softcap)
+        return logits
 
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, key=None):
         """[B, T, V] next-token logits; [B, C] class logits for head="classify"."""
@@ -287,8 +325,7 @@ class Decoder(Transformer):
             x, _, positions = self.with_prompt(x, jnp.ones(input_ids.shape, bool), positions)
         b, t = x.shape[:2]
         slots = jnp.broadcast_to(cache_index + jnp.arange(t), (b, t))
-        mask = make_mask(key_valid, slots, causal=True)
-        x, cache = self.layers(x, mask, positions, cache=cache, cache_index=cache_index)
+        x, cache = self.layers(x, self.masks(key_valid, slots), positions, cache=cache, cache_index=cache_index)
         x = x[:, p:]
         return (self.final_norm(x) if self.final_norm is not None else x), cache
 

@@ -1,5 +1,6 @@
 """Shared fixtures: Hugging Face models with random weights, written once per session to a temp dir."""
 
+import json
 import os
 
 # Tests that need several devices run on 8 simulated CPU devices; this must precede JAX's backend init.
@@ -33,7 +34,7 @@ def hf_dir(tmp_path_factory):
     cache = {}
 
     def make(architecture, size="tiny", **config):
-        key = (architecture, size, tuple(sorted(config.items())))
+        key = (architecture, size, json.dumps(config, sort_keys=True))
         if key not in cache:
             dst = tmp_path_factory.mktemp(f"{architecture}-{size}")
             # Moderately large init keeps logits peaked (greedy tokens are not near-ties) without

@@ -43,9 +43,11 @@ def test_missing_and_empty_sources(tmp_path):
 
 def test_unsupported_architecture_names_supported_ones(tmp_path):
     (tmp_path / "m").mkdir()
-    (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "falcon", "architectures": ["FalconForCausalLM"]}))
     assert_one_line_error(jaxlm_cmd("convert", tmp_path / "m", tmp_path / "out"),
-                          r"unsupported architecture LlamaForCausalLM \(model_type 'llama'\); supported: GPT2LMHeadModel, GPT2Model, BertModel, BertForMaskedLM, BertForSequenceClassification")
+                          r"unsupported architecture FalconForCausalLM \(model_type 'falcon'\); supported: GPT2LMHeadModel, "
+                          r"GPT2Model, BertModel, BertForMaskedLM, BertForSequenceClassification, LlamaForCausalLM, "
+                          r"MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, GemmaForCausalLM, Gemma2ForCausalLM$")
 
 
 def test_shape_mismatch_names_tensor_and_leaves_no_output(hf_dir, tmp_path):

@@ -41,6 +41,29 @@ def test_lora_merged_equals_unmerged(scan):
     np.testing.assert_allclose(np.asarray(LM(merged_cfg, merged).logits(IDS)), np.asarray(unmerged), atol=1e-5)
 
 
+@pytest.mark.parametrize("preset", ["llama-tiny", "gemma2-tiny"])
+def test_compression_of_gated_gqa_decoders(preset):
+    """LoRA on every kernel incl. the MLP gate (merged == unmerged), int8 (the gate within half a step)
+    and full-rank factors (logits equal) on the Llama-layout families."""
+    cfg = ModelConfig.preset(preset, **SMALL, lora_rank=4, lora_targets=("q", "k", "v", "o", "gate", "up", "down"))
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, x: x + 0.1 if jax.tree_util.keystr(p).endswith("['lora_b']") else x, _params(cfg))
+    merged_cfg, merged = merge_lora(cfg, params)
+    unmerged = np.asarray(LM(cfg, params).logits(IDS))
+    np.testing.assert_allclose(np.asarray(LM(merged_cfg, merged).logits(IDS)), unmerged, atol=1e-5)
+    plain = np.asarray(LM(merged_cfg, merged).logits(IDS))
+    qcfg, q = quantize_int8(merged_cfg, merged)
+    gate, w = q["layers"]["blocks"]["mlp"]["gate"], merged["layers"]["blocks"]["mlp"]["gate"]["kernel"]
+    assert gate["kernel"].dtype == jnp.int8 and gate["scale"].shape == (2, 128)  # [L, F]: one per output channel
+    back = dequantize_array(gate["kernel"], gate["scale"], (1,))
+    assert np.all(np.abs(back - np.asarray(w)) <= np.asarray(gate["scale"])[:, None] / 2 + 1e-7)
+    assert np.isfinite(np.asarray(LM(qcfg, q).logits(IDS))).all()
+    fcfg, f = factorize(merged_cfg, merged, targets="gate,up,down", rank=32)  # 32 = min(d_model, d_ff)
+    np.testing.assert_allclose(np.asarray(LM(fcfg, f).logits(IDS)), plain, atol=1e-4)
+    with pytest.raises(ValueError, match="lora target 'gate' matches no kernel"):
+        ModelConfig.preset("gpt2-tiny", **SMALL, lora_rank=4, lora_targets="gate")
+
+
 @pytest.mark.parametrize("scan", [False, True])
 def test_int8_error_bounded_by_half_a_step(scan):
     cfg = ModelConfig.preset("gpt2-tiny", **SMALL, scan_layers=scan)

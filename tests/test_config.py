@@ -52,7 +52,8 @@ def test_config_validation_messages():
         ModelConfig.from_dict({"n_layer": 2})
 
 
-@pytest.mark.parametrize("name", ["quickstart", "gpt2_small", "bert_base_mlm"])
+@pytest.mark.parametrize("name", ["quickstart", "gpt2_small", "bert_base_mlm", "llama3.2_1b", "llama3_8b_lora",
+                                  "mistral_7b_lora", "qwen2.5_0.5b", "qwen3_0.6b", "gemma_2b", "gemma2_2b"])
 def test_shipped_configs_load(name):
     from jaxlm.config import load_config
 

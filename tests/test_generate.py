@@ -50,6 +50,29 @@ def test_greedy_matches_transformers_left_padded_batch(lm, hf_model):
     np.testing.assert_array_equal(lm.generate(rows, max_new_tokens=64)[:, width:], ours[:, width:])
 
 
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                                  "GemmaForCausalLM", "Gemma2ForCausalLM"])
+def test_greedy_matches_transformers_for_decoder_families(hf_dir, arch):
+    """3 ragged prompts (left padded), 48 new tokens: Mistral's and Gemma 2's 16-token windows are
+    crossed while generating; kv heads are fewer than query heads."""
+    path = hf_dir(arch)
+    lm = jaxlm.load(path)
+    lm = jaxlm.LM(lm.config.replace(eos_token_id=None), lm.params)  # no early stop on either side
+    rng = np.random.RandomState(4)
+    rows = [list(rng.randint(3, lm.config.vocab_size, n)) for n in (12, 5, 9)]
+    ids, mask = np.zeros((3, 12), np.int64), np.zeros((3, 12), np.int64)
+    for i, r in enumerate(rows):
+        ids[i, 12 - len(r):], mask[i, 12 - len(r):] = r, 1
+    ours = lm.generate(ids, attention_mask=mask, max_new_tokens=48)
+    hf = getattr(transformers, arch).from_pretrained(path, attn_implementation="eager").eval()
+    hf.generation_config.eos_token_id = None
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=48,
+                          do_sample=False, pad_token_id=0).numpy()
+    assert lm.config.kv_heads < lm.config.n_heads
+    np.testing.assert_array_equal(ours[:, 12:], ref[:, 12:])
+
+
 def test_cached_decode_equals_full_forward(lm):
     """Prefill then one token at a time over the cache == the full forward, at every position."""
     model = lm.model()

@@ -29,11 +29,47 @@ TOL = 1e-4
     ("bert-large-uncased", transformers.BertConfig(architectures=["BertForMaskedLM"], hidden_size=1024,
                                                    num_hidden_layers=24, num_attention_heads=16,
                                                    intermediate_size=4096)),
+    # The published shapes of the Llama-layout families, spelled with transformers' config classes.
+    ("llama3-8b", transformers.LlamaConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, max_position_embeddings=8192, rms_norm_eps=1e-5, bos_token_id=128000,
+        eos_token_id=128001, rope_parameters={"rope_type": "default", "rope_theta": 500000.0})),
+    ("llama3.2-1b", transformers.LlamaConfig(
+        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=64, max_position_embeddings=131072, rms_norm_eps=1e-5, bos_token_id=128000,
+        eos_token_id=128001, tie_word_embeddings=True, rope_parameters={
+            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})),
+    ("mistral-7b", transformers.MistralConfig(max_position_embeddings=32768, rms_norm_eps=1e-5)),
+    ("qwen2.5-0.5b", transformers.Qwen2Config(
+        vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+        num_key_value_heads=2, max_position_embeddings=32768, tie_word_embeddings=True, bos_token_id=151643,
+        eos_token_id=151643, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+    ("qwen3-0.6b", transformers.Qwen3Config(
+        vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+        num_key_value_heads=8, head_dim=128, max_position_embeddings=40960, tie_word_embeddings=True,
+        bos_token_id=151643, eos_token_id=151645, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+    ("gemma-2b", transformers.GemmaConfig(hidden_size=2048, intermediate_size=16384, num_hidden_layers=18,
+                                          num_attention_heads=8, num_key_value_heads=1, head_dim=256)),
+    ("gemma2-2b", transformers.Gemma2Config()),
 ])
 def test_presets_match_hf_configs(preset, hf):
     ours = ModelConfig.preset(preset)
     theirs = config_from_hf(hf.to_dict()).replace(name=preset)
     assert ours == theirs
+
+
+def test_hub_style_config_reads_rope_theta_and_rope_scaling():
+    """Hub config.json files still say rope_theta + rope_scaling (transformers 5: rope_parameters)."""
+    hub = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 128256, "hidden_size": 2048,
+           "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
+           "head_dim": 64, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "hidden_act": "silu",
+           "tie_word_embeddings": True, "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009],
+           "rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}
+    assert config_from_hf(hub).replace(name="llama3.2-1b") == ModelConfig.preset("llama3.2-1b")
+    with pytest.raises(ValueError, match="RoPE scaling 'yarn' is not supported; supported: default, linear, llama3"):
+        config_from_hf({**hub, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
 
 
 def test_hf_round_trip_and_dict_round_trip():
@@ -44,7 +80,9 @@ def test_hf_round_trip_and_dict_round_trip():
 
 
 def test_unsupported_hf_models_are_named():
-    with pytest.raises(ValueError, match=r"unsupported architecture \? \(model_type 'llama'\); supported: GPT2LMHeadModel, GPT2Model, BertModel"):
+    with pytest.raises(ValueError, match=r"unsupported architecture \? \(model_type 'falcon'\); supported: GPT2LMHeadModel, GPT2Model, BertModel"):
+        config_from_hf({"model_type": "falcon"})
+    with pytest.raises(ValueError, match="llama config.json lacks 'hidden_size'"):
         config_from_hf({"model_type": "llama"})
     with pytest.raises(ValueError, match=r"unsupported architecture BertForQuestionAnswering \(model_type 'bert'\); supported: .*BertForMaskedLM"):
         config_from_hf({"model_type": "bert", "architectures": ["BertForQuestionAnswering"]})
@@ -80,6 +118,54 @@ def test_parity_with_transformers(hf_dir, arch, size):
         err = max_err(lm.logits(ids, mask), ref.logits, mask)
     print(f"{arch} {size}: max abs err {err:.2e}")
     assert err <= TOL
+
+
+# The Llama-layout families: windows of 16 under rows of 40 tokens, Llama 3.1's RoPE bands with a
+# short original context (so they move most frequencies), Gemma 2 with caps its values exceed.
+DECODER_CASES = {
+    "llama": ("LlamaForCausalLM", {}),
+    "llama-rope-llama3": ("LlamaForCausalLM", dict(rope_parameters={
+        "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64})),
+    "mistral": ("MistralForCausalLM", {}),
+    "qwen2": ("Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3ForCausalLM", {}),
+    "gemma": ("GemmaForCausalLM", {}),
+    "gemma2-capped": ("Gemma2ForCausalLM", dict(attn_logit_softcapping=5.0, final_logit_softcapping=3.0)),
+}
+
+
+def hf_decoder_logits(path, arch, ids, mask):
+    model = getattr(transformers, arch).from_pretrained(path, attn_implementation="eager").eval()
+    with torch.no_grad():
+        return model(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+
+
+@pytest.mark.parametrize("case", DECODER_CASES)
+def test_decoder_family_parity_with_transformers(hf_dir, case):
+    arch, config = DECODER_CASES[case]
+    path = hf_dir(arch, **config)
+    lm = jaxlm.load(path)
+    ids, mask = ragged_batch(lm.config.vocab_size, [40, 23, 9], seed=1)
+    ours = np.asarray(lm.logits(ids, mask))
+    err = max_err(ours, hf_decoder_logits(path, arch, ids, mask), mask)
+    print(f"{case}: max abs err {err:.2e}")
+    assert err <= TOL
+    cfg = lm.config
+    assert cfg.sliding_window == (16 if arch in ("MistralForCausalLM", "Gemma2ForCausalLM") else None)
+
+    def differs(**change):  # the same weights with one config field changed
+        other = np.asarray(jaxlm.LM(cfg.replace(**change), lm.params).logits(ids, mask))
+        return float(np.abs(other - ours)[mask.astype(bool)].max())
+
+    if case == "llama-rope-llama3":
+        assert cfg.rope_scaling == "llama3" and differs(rope_scaling="none") > 1e-3
+    if case == "gemma2-capped":
+        uncapped = np.asarray(jaxlm.LM(cfg.replace(final_softcap=None), lm.params).logits(ids, mask))
+        assert np.abs(uncapped).max() > 3.0 >= np.abs(ours).max()  # logits beyond the cap before capping
+        assert differs(attn_softcap=None) > 1e-3  # and the attention cap changes the result
+    if cfg.sliding_window:
+        assert differs(sliding_window=None, layer_types=()) > 1e-3  # rows of 40 reach past the window
 
 
 def test_parity_real_pretrained_bert():

@@ -113,7 +113,9 @@ def _sharding_table() -> str:
 
     mesh = make_mesh(MeshConfig(2, 2, 2))
     lines = []
-    for preset in ("gpt2", "bert-base-uncased"):
+    # The Llama-layout parameter kinds: gate kernels and an untied head (llama3-8b), q/k/v biases
+    # (qwen2.5), per-head q/k norms (qwen3), sandwich norms (gemma2).
+    for preset in ("gpt2", "bert-base-uncased", "llama3-8b", "qwen2.5-0.5b", "qwen3-0.6b", "gemma2-2b"):
         cfg = ModelConfig.preset(preset)
         p_shard = param_shardings(cfg, mesh)
         params = abstract_params(cfg)
@@ -144,6 +146,9 @@ def test_sharding_snapshot_gpt2_and_bert_on_2x2x2():
     assert "layers/blocks/attn/q/kernel (12, 768, 12, 64) P(None, 'fsdp', 'tensor', None)" in want
     assert "embed/tokens/embedding (50257, 768) P(None, 'fsdp')" in want  # 50257 is odd
     assert "embed/tokens/embedding (30522, 768) P('tensor', 'fsdp')" in want
+    assert "layers/blocks/mlp/gate/kernel (32, 4096, 14336) P(None, 'fsdp', 'tensor')" in want
+    assert "layers/blocks/attn/k/kernel (32, 4096, 8, 128) P(None, 'fsdp', 'tensor', None)" in want  # 8 kv heads
+    assert "layers/blocks/attn/q_norm/scale (28, 128) P(None, None)" in want
 
 
 def test_bad_mesh_fails_before_compiling(small_corpus, tmp_path):
@@ -164,11 +169,12 @@ def test_bad_mesh_fails_before_compiling(small_corpus, tmp_path):
         assert not (tmp_path / "w").exists()  # refused before anything was written
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 4), (2, 1, 2)])
-def test_greedy_generation_under_tensor_parallel_equals_one_device(shape):
+@pytest.mark.parametrize("preset, shape", [("gpt2-tiny", (1, 1, 4)), ("gpt2-tiny", (2, 1, 2)),
+                                           ("llama-tiny", (1, 1, 2)), ("gemma2-tiny", (1, 1, 2))])
+def test_greedy_generation_under_tensor_parallel_equals_one_device(preset, shape):
     from jaxlm.api import LM
 
-    cfg = ModelConfig.preset("gpt2-tiny", **{**SMALL, "max_len": 64}).replace(scan_layers=False)
+    cfg = ModelConfig.preset(preset, **{**SMALL, "max_len": 64}).replace(scan_layers=False)
     params = nnx.to_pure_dict(nnx.state(build_model(cfg), nnx.Param))
     prompts = [[1, 2, 3, 4, 5], [7, 8, 9], [10, 11, 12, 13, 14, 15, 16]]
     want = LM(cfg, params).generate(prompts, max_new_tokens=24)

@@ -188,6 +188,18 @@ def test_gpt_learns_and_generates(corpus, tmp_path):
     assert any(p.name.startswith("events.out.tfevents") for p in (w / "tensorboard").iterdir())
 
 
+@pytest.mark.parametrize("preset", ["llama-tiny", "mistral-tiny", "qwen2-tiny", "qwen3-tiny", "gemma-tiny",
+                                    "gemma2-tiny"])
+def test_decoder_families_learn(corpus, tmp_path, preset):
+    """30 steps of each Llama-layout family (rows of 32 past Mistral's and Gemma 2's 16-token windows)."""
+    w = tmp_path / preset
+    train(load_config(None, args(corpus, w, f"model={preset}", "train.steps=30", "train.eval_every=30",
+                                 "train.save_every=30", "optim.lr=3e-3")), log=lambda m: None)
+    evals = [json.loads(x) for x in open(w / "metrics.jsonl") if "val_loss" in x]
+    print(preset, [round(e["val_loss"], 3) for e in evals])
+    assert [e["step"] for e in evals] == [0, 30] and evals[1]["val_loss"] < evals[0]["val_loss"] - 1.0
+
+
 @pytest.mark.parametrize("extra, message", [
     (["data.path=/nonexistent/corpus"], "data path /nonexistent/corpus does not exist"),
     (["train.stepz=3"], r"unknown config key train.stepz \(did you mean 'train.steps'\?\)"),

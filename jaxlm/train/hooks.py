@@ -206,7 +206,7 @@ def flops_per_token(cfg, seq_len: int) -> float:
     """Training FLOPs per token: 6N (N non-embedding parameters) + 12 * L * D * T attention."""
     d, L = cfg.d_model, cfg.n_layers
     n = L * (2 * d * cfg.n_heads * cfg.dim_per_head + 2 * d * cfg.kv_heads * cfg.dim_per_head
-             + 2 * d * cfg.mlp_dim)
+             + (3 if cfg.gated_mlp else 2) * d * cfg.mlp_dim)
     return 6 * n + 12 * L * d * seq_len
 
 

@@ -1,8 +1,10 @@
 """Hugging Face model directories <-> jaxlm: one module per family, each holding its config
 mapping (both ways) and its weight rules; this module picks the family and runs the conversion.
 
-Adding a family: a module here with MODEL_TYPE, ARCHITECTURES, PREFIX, SKIP, ``config_from_hf``,
-``config_to_hf`` and ``rules`` (see gpt2.py), listed in ``FAMILIES``.
+Families: gpt2, bert, and the Llama layout (llama.py) with its variants mistral, qwen2, qwen3,
+gemma, gemma2. Adding a family: a module here with MODEL_TYPE, ARCHITECTURES, PREFIX, SKIP,
+``config_from_hf``, ``config_to_hf`` and ``rules`` (see gpt2.py, or mistral.py for a variant of
+the Llama layout), listed in ``FAMILIES`` and told apart in ``family_of``.
 """
 
 from __future__ import annotations
@@ -13,12 +15,12 @@ from typing import Any
 
 from jaxlm.config import ModelConfig
 from jaxlm.io.atomic import atomic_dir
-from jaxlm.io.hf import bert, gpt2
+from jaxlm.io.hf import bert, gemma, gemma2, gpt2, llama, mistral, qwen2, qwen3
 from jaxlm.io.hf.weights import converted_groups, unflatten
 from jaxlm.io.model_dir import StreamingParamWriter, write_config
 from jaxlm.tokenizer import copy_tokenizer_files
 
-FAMILIES = {f.MODEL_TYPE: f for f in (gpt2, bert)}
+FAMILIES = {f.MODEL_TYPE: f for f in (gpt2, bert, llama, mistral, qwen2, qwen3, gemma, gemma2)}
 
 
 def read_hf_config(src) -> dict:
@@ -44,12 +46,32 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     if family is None or arch not in family.ARCHITECTURES:
         raise ValueError(f"unsupported architecture {arch} (model_type {model_type!r}); "
                          f"supported: {', '.join(supported)}")
-    return family.config_from_hf(hf, arch)
+    try:
+        return family.config_from_hf(hf, arch)
+    except KeyError as e:
+        raise ValueError(f"{model_type} config.json lacks {e.args[0]!r}") from None
+
+
+def family_of(config: ModelConfig):
+    """The Hugging Face family a jaxlm model is exported as, told by its config's fields."""
+    if not config.causal:
+        return bert
+    if config.positions != "rope":
+        return gpt2
+    if config.norm_position == "sandwich":
+        return gemma2
+    if config.norm_unit_offset:
+        return gemma
+    if config.qk_norm:
+        return qwen3
+    if config.has_qkv_bias:
+        return qwen2
+    return mistral if config.sliding_window is not None else llama
 
 
 def config_to_hf(config: ModelConfig) -> dict[str, Any]:
-    """The Hugging Face ``config.json`` dict of a model (decoders as GPT-2, encoders as BERT)."""
-    return (gpt2 if config.causal else bert).config_to_hf(config)
+    """The Hugging Face ``config.json`` dict of a model (its family: ``family_of``)."""
+    return family_of(config).config_to_hf(config)
 
 
 def hf_to_params(src, config: ModelConfig | None = None, log=None):

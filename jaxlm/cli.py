@@ -17,7 +17,7 @@ def cmd_convert(args) -> int:
     from jaxlm.io.hub import local_dir
 
     t0 = time.perf_counter()
-    convert(local_dir(args.src), args.dst, overwrite=args.overwrite, log=_log)
+    convert(local_dir(args.src), args.dst, overwrite=args.overwrite, dtype=args.dtype, log=_log)
     _log(f"done in {time.perf_counter() - t0:.1f}s")
     return 0
 
@@ -137,10 +137,19 @@ def _transform(args, fn, what: str) -> int:
     return 0
 
 
-def cmd_export(args) -> int:
+def cmd_merge(args) -> int:
     from jaxlm.compress.lora import merge_lora
 
-    return _transform(args, merge_lora, "exported (LoRA adapters merged)")
+    return _transform(args, merge_lora, "merged (LoRA adapters folded into the kernels)")
+
+
+def cmd_export(args) -> int:
+    from jaxlm.io import export
+
+    t0 = time.perf_counter()
+    export(args.src, args.dst, max_shard_size=args.max_shard_size, dtype=args.dtype, overwrite=args.overwrite, log=_log)
+    _log(f"done in {time.perf_counter() - t0:.1f}s")
+    return 0
 
 
 def cmd_quantize(args) -> int:
@@ -188,9 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     c = sub.add_parser("convert", help="Hugging Face model dir or hub id -> jaxlm model dir",
-                       description="Convert a Hugging Face GPT-2 or BERT checkpoint to a jaxlm model dir.")
+                       description="Convert a Hugging Face checkpoint (GPT-2, BERT, Llama, Mistral, Qwen 2 / 3, "
+                                   "Gemma 1 / 2) to a jaxlm model dir.")
     c.add_argument("src", metavar="SRC", help="HF model directory (or hub id where the hub is reachable)")
     c.add_argument("dst", metavar="DST", help="output directory (must not exist or be empty)")
+    c.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="cast the weights (default: as stored)")
     c.add_argument("--overwrite", action="store_true", help="replace a non-empty DST (only once the new one is complete)")
     c.set_defaults(func=cmd_convert)
 
@@ -242,7 +253,19 @@ def build_parser() -> argparse.ArgumentParser:
         x.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
         return x
 
-    transform("export", "write a jaxlm model dir with LoRA adapters merged into the kernels").set_defaults(func=cmd_export)
+    ex = sub.add_parser("export", help="jaxlm model dir or training workdir -> Hugging Face model dir",
+                        description="Write a Hugging Face model dir (config.json, generation_config.json, "
+                                    "safetensors, tokenizer files) that transformers loads; LoRA adapters are "
+                                    "merged into the kernels.")
+    ex.add_argument("src", metavar="SRC", help="jaxlm model dir, training workdir (latest checkpoint) or HF dir")
+    ex.add_argument("dst", metavar="DST", help="output directory (must not exist or be empty)")
+    ex.add_argument("--max-shard-size", default="5GB", help="split the weights into safetensors shards of at most "
+                    "this size, with an index (default 5GB)")
+    ex.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                    help="cast the weights (default: as stored)")
+    ex.add_argument("--overwrite", action="store_true", help="replace a non-empty DST (only once the new one is complete)")
+    ex.set_defaults(func=cmd_export)
+    transform("merge", "write a jaxlm model dir with LoRA adapters merged into the kernels").set_defaults(func=cmd_merge)
     transform("quantize", "int8 weight-only copy (per-output-channel scales)").set_defaults(func=cmd_quantize)
     lr = transform("lowrank", "replace block kernels by rank-r SVD factors")
     lr.add_argument("--rank", type=int, help="the rank of every factored kernel")

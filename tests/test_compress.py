@@ -181,6 +181,18 @@ def test_lora_training_changes_only_adapters(base_run, tmp_path):
     # Exported (merged) == adapters applied on the fly.
     merged_cfg, merged = merge_lora(lora.config, lora.params)
     np.testing.assert_allclose(np.asarray(LM(merged_cfg, merged).logits(IDS)), np.asarray(lora.logits(IDS)), atol=1e-5)
+    # Exported to Hugging Face straight from the workdir (adapters merged): transformers gives the
+    # unmerged logits.
+    import torch
+    import transformers
+
+    from jaxlm.io import export
+
+    export(work, tmp_path / "hf")
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        theirs = hf(torch.tensor(IDS)).logits.numpy()
+    np.testing.assert_allclose(theirs, np.asarray(lora.logits(IDS)), atol=1e-4)
 
 
 def test_adapter_workdir_with_relative_base_loads_from_any_directory(base_run, tmp_path, monkeypatch):
@@ -362,18 +374,18 @@ def test_compress_commands_write_loadable_models(base_run, tmp_path):
 
     ref = jaxlm.load(src)
     for cmd, extra in [("quantize", []), ("lowrank", ["--rank", "8"]), ("prune", ["--sparsity", "0.5"]),
-                       ("prune", ["--heads", "2"]), ("export", [])]:
+                       ("prune", ["--heads", "2"]), ("merge", [])]:
         dst = tmp_path / f"{cmd}{len(extra)}{extra[-1] if extra else ''}"
         r = run(cmd, src, dst, *extra)
         assert r.returncode == 0, r.stderr
         lm = jaxlm.load(dst)
         assert lm.generate(["def "], max_new_tokens=4)[0] is not None
-        if cmd == "export":
+        if cmd == "merge":
             np.testing.assert_array_equal(np.asarray(lm.logits(IDS)), np.asarray(ref.logits(IDS)))
     q = tmp_path / "quantize0"
     size = lambda d: sum(f.stat().st_size for f in (d / "params").rglob("*") if f.is_file())  # noqa: E731
-    export_size = size(tmp_path / "export0")
-    assert size(q) < 0.45 * export_size  # int8 (small model: norms, biases and scales weigh more)
+    merged_size = size(tmp_path / "merge0")
+    assert size(q) < 0.45 * merged_size  # int8 (small model: norms, biases and scales weigh more)
     for args, message in [(["prune", src, tmp_path / "x", "--sparsity", "1.5"], r"sparsity=1.5 must be in \[0, 1\)"),
                           (["lowrank", src, tmp_path / "x", "--rank", "99"], "factor rank 99 is larger than kernel"),
                           (["lowrank", src, tmp_path / "x", "--rank", "2", "--targets", "up,mlp"],

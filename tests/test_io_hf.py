@@ -2,6 +2,8 @@
 
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -196,6 +198,19 @@ def test_sharded_safetensors_and_pytorch_bin(hf_dir, tmp_path):
         _, got = hf_to_params(d)
         for a, b in zip(jax_leaves(want), jax_leaves(got)):
             np.testing.assert_array_equal(a, b)
+
+
+def test_index_naming_a_missing_shard_is_named(hf_dir, tmp_path):
+    sharded = tmp_path / "sharded"
+    transformers.GPT2LMHeadModel.from_pretrained(hf_dir("GPT2LMHeadModel")).save_pretrained(sharded, max_shard_size="1MB")
+    shards = sorted(sharded.glob("model-*.safetensors"))
+    shards[1].unlink()
+    proc = subprocess.run([sys.executable, "-m", "jaxlm.cli", "convert", str(sharded), str(tmp_path / "out")],
+                          capture_output=True, text=True)
+    lines = [x for x in proc.stderr.splitlines() if x.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert f"model.safetensors.index.json names {shards[1].name}, which is not in" in lines[0]
+    assert not (tmp_path / "out").exists()
 
 
 def jax_leaves(tree):

@@ -27,8 +27,11 @@ def merge_lora(config, params):
     scale = config.lora_alpha / config.lora_rank
     for _, node in walk(out):
         if "lora_a" in node:
-            kernel = node["kernel"]
-            a, b = node.pop("lora_a"), node.pop("lora_b")
-            delta = jnp.einsum("...ir,...ro->...io", a, b) * scale  # [(L,) in, out]
-            node["kernel"] = kernel + delta.reshape(kernel.shape).astype(kernel.dtype)
+            node["kernel"] = merged_kernel(node["kernel"], node.pop("lora_a"), node.pop("lora_b"), scale)
     return config.replace(lora_rank=0), out
+
+
+def merged_kernel(kernel, a, b, scale: float):
+    """W + scale * A @ B in W's shape and dtype; A [(L,) in, r], B [(L,) r, out] (stacked or one layer)."""
+    delta = jnp.einsum("...ir,...ro->...io", a, b) * scale  # [(L,) in, out]
+    return kernel + delta.reshape(kernel.shape).astype(kernel.dtype)

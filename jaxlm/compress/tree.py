@@ -36,15 +36,16 @@ def merge(a: dict, b: dict) -> dict:
 
 
 def overlay(fresh: dict, base: dict) -> dict:
-    """``fresh`` with each leaf that ``base`` has at the same path and shape taken from ``base``
-    (pretrained weights into a model with new parts, e.g. adapters or another head)."""
+    """``fresh`` with each leaf that ``base`` has at the same path and shape taken from ``base``,
+    in ``fresh``'s dtype (pretrained weights into a model with new parts, e.g. adapters or another
+    head; a bfloat16 checkpoint into float32 training parameters)."""
     out = {}
     for k, v in fresh.items():
         b = base.get(k) if isinstance(base, dict) else None
         if isinstance(v, dict):
             out[k] = overlay(v, b if isinstance(b, dict) else {})
         else:
-            out[k] = b if b is not None and not isinstance(b, dict) and b.shape == v.shape else v
+            out[k] = b.astype(v.dtype) if b is not None and not isinstance(b, dict) and b.shape == v.shape else v
     return out
 
 

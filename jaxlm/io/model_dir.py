@@ -45,18 +45,39 @@ class StreamingParamWriter:
 
 
 def restore_params(path, abstract, sharding=None):
-    """Read an orbax param tree shaped like ``abstract`` (ShapeDtypeStructs).
+    """Read an orbax param tree shaped like ``abstract`` (ShapeDtypeStructs), each leaf in the dtype
+    it was stored in (a bfloat16 checkpoint stays bfloat16).
 
     ``sharding``: a pytree of shardings like ``abstract``, or None for the first local device.
     """
     if sharding is None:
         one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         sharding = jax.tree.map(lambda _: one, abstract)
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, sharding)
     path = Path(path).absolute()
-    _check_tree(ocp.metadata(path).metadata, abstract)
+    stored = ocp.metadata(path).metadata
+    _check_tree(stored, abstract)
+    dtypes = {jax.tree_util.keystr(k): m.dtype for k, m in jax.tree_util.tree_leaves_with_path(stored)}
+    target = jax.tree_util.tree_map_with_path(
+        lambda k, a, s: jax.ShapeDtypeStruct(a.shape, dtypes.get(jax.tree_util.keystr(k), a.dtype), sharding=s),
+        abstract, sharding)
     return ocp.load(path, target)
+
+
+def read_param(path, name: str):
+    """One parameter of an orbax param tree (``name``: its dotted path, e.g. "embed.tokens.embedding"),
+    read alone: the other leaves stay on disk."""
+    path = Path(path).absolute()
+    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    keys = tuple(name.split("."))
+
+    def target(k, m):
+        here = tuple(str(getattr(p, "key", p)) for p in k)
+        return jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one) if here == keys else ocp.PLACEHOLDER
+
+    tree = ocp.load(path, jax.tree_util.tree_map_with_path(target, ocp.metadata(path).metadata))
+    for k in keys:
+        tree = tree[k]
+    return tree
 
 
 def _check_tree(stored, abstract) -> None:

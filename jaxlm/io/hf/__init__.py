@@ -16,7 +16,7 @@ from typing import Any
 from jaxlm.config import ModelConfig
 from jaxlm.io.atomic import atomic_dir
 from jaxlm.io.hf import bert, gemma, gemma2, gpt2, llama, mistral, qwen2, qwen3
-from jaxlm.io.hf.weights import converted_groups, unflatten
+from jaxlm.io.hf.weights import DTYPES, converted_groups, unflatten
 from jaxlm.io.model_dir import StreamingParamWriter, write_config
 from jaxlm.tokenizer import copy_tokenizer_files
 
@@ -74,25 +74,29 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
     return family_of(config).config_to_hf(config)
 
 
-def hf_to_params(src, config: ModelConfig | None = None, log=None):
-    """(config, params) from an HF model dir. params: pure dict of float32 numpy arrays."""
+def hf_to_params(src, config: ModelConfig | None = None, log=None, dtype: str | None = None):
+    """(config, params) from an HF model dir. params: pure dict of numpy arrays, each in its
+    stored dtype unless ``dtype`` (float32, bfloat16, float16) says otherwise."""
     hf = read_hf_config(src)
     config = config or config_from_hf(hf)
     flat = {}
-    for group in converted_groups(src, config, FAMILIES[hf["model_type"]], log):
+    for group in converted_groups(src, config, FAMILIES[hf["model_type"]], log, dtype):
         flat.update(group)
     return config, unflatten(flat)
 
 
-def convert(src, dst, *, overwrite: bool = False, log=None) -> Path:
-    """HF model dir -> jaxlm model dir (config.json, params/, tokenizer files)."""
+def convert(src, dst, *, overwrite: bool = False, dtype: str | None = None, log=None) -> Path:
+    """HF model dir -> jaxlm model dir (config.json, params/, tokenizer files); the weights keep
+    their stored dtype unless ``dtype`` says otherwise."""
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"--dtype={dtype} is not one of {', '.join(DTYPES)}")
     hf = read_hf_config(src)
     config = config_from_hf(hf)
     # Refuse a non-empty DST before the (long) read.
     with atomic_dir(dst, overwrite) as tmp:
         # Stream: one group of tensors in memory at a time (peak ~ one copy of the largest matrix).
         writer = StreamingParamWriter(tmp / "params")
-        for group in converted_groups(src, config, FAMILIES[hf["model_type"]], log):
+        for group in converted_groups(src, config, FAMILIES[hf["model_type"]], log, dtype):
             writer.write(unflatten(group))
         writer.finalize()
         write_config(tmp, config)

@@ -11,11 +11,12 @@ import re
 from typing import Any
 
 from jaxlm.config import ModelConfig
-from jaxlm.io.hf.common import ACT_TO_HF, Rule, activation_from_hf, d_ff_from_hf, ident, transpose
+from jaxlm.io.hf.common import ACT_TO_HF, Rule, activation_from_hf, d_ff_from_hf, linear, reshaped, same, tied
 
 MODEL_TYPE = "bert"
 ARCHITECTURES = ("BertModel", "BertForMaskedLM", "BertForSequenceClassification")
 PREFIX = "bert."  # the body of the task models; BertModel's tensors have no prefix
+BARE = ("BertModel",)
 SKIP = re.compile(r"^cls\.seq_relationship\.")  # the next-sentence head
 
 _HEAD_OF = {"BertForMaskedLM": "mlm", "BertForSequenceClassification": "classify"}
@@ -66,47 +67,43 @@ def config_to_hf(c: ModelConfig) -> dict[str, Any]:
 
 def rules(c: ModelConfig) -> list[Rule]:
     D, H, Dh, F, V, P = c.d_model, c.n_heads, c.dim_per_head, c.mlp_dim, c.vocab_size, c.max_len
-    L = r"encoder\.layer\.(\d+)\."
+    L = "encoder.layer.{}."
     blk = "layers.blocks."
 
-    def norm(hf, ours):  # old checkpoints say gamma / beta
-        return [(hf + r"\.(?:weight|gamma)", (D,), [(ours + ".scale", ident)]),
-                (hf + r"\.(?:bias|beta)", (D,), [(ours + ".bias", ident)])]
+    def norm(hf, ours, **kw):  # old checkpoints say gamma / beta
+        return [same(hf + ".weight", (D,), ours + ".scale", aliases=(hf + ".gamma",), **kw),
+                same(hf + ".bias", (D,), ours + ".bias", aliases=(hf + ".beta",), **kw)]
 
     qkv = (("query", "q"), ("key", "k"), ("value", "v"))
     out = [
-        (r"embeddings\.word_embeddings\.weight", (V, D), [("embed.tokens.embedding", ident)]),
-        (r"embeddings\.position_embeddings\.weight", (P, D), [("embed.positions.embedding", ident)]),
-        (r"embeddings\.token_type_embeddings\.weight", (c.type_vocab_size, D), [("embed.types.embedding", ident)]),
-        *norm(r"embeddings\.LayerNorm", "embed.norm"),
-        *[(L + rf"attention\.self\.{hf}\.weight", (D, D),
-           [(f"{blk}attn.{n}.kernel", lambda w: transpose(w).reshape(D, H, Dh))]) for hf, n in qkv],
-        *[(L + rf"attention\.self\.{hf}\.bias", (D,), [(f"{blk}attn.{n}.bias", lambda b: b.reshape(H, Dh))])
-          for hf, n in qkv],
-        (L + r"attention\.output\.dense\.weight", (D, D),
-         [(blk + "attn.o.kernel", lambda w: transpose(w).reshape(H, Dh, D))]),
-        (L + r"attention\.output\.dense\.bias", (D,), [(blk + "attn.o.bias", ident)]),
-        *norm(L + r"attention\.output\.LayerNorm", blk + "attn_norm"),
-        (L + r"intermediate\.dense\.weight", (F, D), [(blk + "mlp.up.kernel", transpose)]),
-        (L + r"intermediate\.dense\.bias", (F,), [(blk + "mlp.up.bias", ident)]),
-        (L + r"output\.dense\.weight", (D, F), [(blk + "mlp.down.kernel", transpose)]),
-        (L + r"output\.dense\.bias", (D,), [(blk + "mlp.down.bias", ident)]),
-        *norm(L + r"output\.LayerNorm", blk + "mlp_norm"),
+        same("embeddings.word_embeddings.weight", (V, D), "embed.tokens.embedding"),
+        same("embeddings.position_embeddings.weight", (P, D), "embed.positions.embedding"),
+        same("embeddings.token_type_embeddings.weight", (c.type_vocab_size, D), "embed.types.embedding"),
+        *norm("embeddings.LayerNorm", "embed.norm"),
+        *[linear(L + f"attention.self.{hf}.weight", (D, D), f"{blk}attn.{n}.kernel", (D, H, Dh)) for hf, n in qkv],
+        *[reshaped(L + f"attention.self.{hf}.bias", (D,), f"{blk}attn.{n}.bias", (H, Dh)) for hf, n in qkv],
+        linear(L + "attention.output.dense.weight", (D, D), blk + "attn.o.kernel", (H, Dh, D)),
+        same(L + "attention.output.dense.bias", (D,), blk + "attn.o.bias"),
+        *norm(L + "attention.output.LayerNorm", blk + "attn_norm"),
+        linear(L + "intermediate.dense.weight", (F, D), blk + "mlp.up.kernel"),
+        same(L + "intermediate.dense.bias", (F,), blk + "mlp.up.bias"),
+        linear(L + "output.dense.weight", (D, F), blk + "mlp.down.kernel"),
+        same(L + "output.dense.bias", (D,), blk + "mlp.down.bias"),
+        *norm(L + "output.LayerNorm", blk + "mlp_norm"),
     ]
     if c.pooler:
-        out += [(r"pooler\.dense\.weight", (D, D), [("pooler.kernel", transpose)]),
-                (r"pooler\.dense\.bias", (D,), [("pooler.bias", ident)])]
+        out += [linear("pooler.dense.weight", (D, D), "pooler.kernel"), same("pooler.dense.bias", (D,), "pooler.bias")]
     if c.head == "mlm":
         out += [
-            (r"cls\.predictions\.transform\.dense\.weight", (D, D), [("mlm.transform.kernel", transpose)]),
-            (r"cls\.predictions\.transform\.dense\.bias", (D,), [("mlm.transform.bias", ident)]),
-            *norm(r"cls\.predictions\.transform\.LayerNorm", "mlm.norm"),
+            linear("cls.predictions.transform.dense.weight", (D, D), "mlm.transform.kernel", head=True),
+            same("cls.predictions.transform.dense.bias", (D,), "mlm.transform.bias", head=True),
+            *norm("cls.predictions.transform.LayerNorm", "mlm.norm", head=True),
             # The decoder bias is the same tensor as cls.predictions.bias; either fills it.
-            (r"cls\.predictions\.(?:decoder\.)?bias", (V,), [("mlm.bias", ident)]),
-            (r"cls\.predictions\.decoder\.weight", (V, D),
-             [] if c.tie_embeddings else [("mlm.decoder.kernel", transpose)]),
+            same("cls.predictions.bias", (V,), "mlm.bias", aliases=("cls.predictions.decoder.bias",), head=True),
+            tied("cls.predictions.decoder.weight", (V, D)) if c.tie_embeddings else
+            linear("cls.predictions.decoder.weight", (V, D), "mlm.decoder.kernel", head=True),
         ]
     if c.head == "classify":
-        out += [(r"classifier\.weight", (c.num_labels, D), [("classifier.kernel", transpose)]),
-                (r"classifier\.bias", (c.num_labels,), [("classifier.bias", ident)])]
+        out += [linear("classifier.weight", (c.num_labels, D), "classifier.kernel", head=True),
+                same("classifier.bias", (c.num_labels,), "classifier.bias", head=True)]
     return out

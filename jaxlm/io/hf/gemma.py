@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from jaxlm.config import ModelConfig
-from jaxlm.io.hf.llama import (PREFIX, SKIP, check_decoder, decoder_config_from_hf, decoder_config_to_hf,  # noqa: F401
+from jaxlm.io.hf.llama import (BARE, PREFIX, SKIP, check_decoder, decoder_config_from_hf, decoder_config_to_hf,  # noqa: F401
                                decoder_rules)
 
 MODEL_TYPE = "gemma"

@@ -8,7 +8,7 @@ from typing import Any
 
 from jaxlm.config import ModelConfig
 from jaxlm.io.hf.gemma import GEMMA
-from jaxlm.io.hf.llama import (PREFIX, SKIP, check_decoder, decoder_config_from_hf, decoder_config_to_hf,  # noqa: F401
+from jaxlm.io.hf.llama import (BARE, PREFIX, SKIP, check_decoder, decoder_config_from_hf, decoder_config_to_hf,  # noqa: F401
                                decoder_rules, windows_from_hf)
 
 MODEL_TYPE = "gemma2"
@@ -34,9 +34,14 @@ def config_to_hf(c: ModelConfig) -> dict[str, Any]:
         c, MODEL_TYPE, ARCHITECTURES[0], attention_bias=False, sliding_window=c.sliding_window,
         layer_types=["sliding_attention" if w else "full_attention" for w in c.layer_windows],
         attn_logit_softcapping=c.attn_softcap, final_logit_softcapping=c.final_softcap,
-        query_pre_attn_scalar=c.query_pre_attn_scalar if c.query_pre_attn_scalar is not None else c.dim_per_head)
+        query_pre_attn_scalar=_number(c.query_pre_attn_scalar if c.query_pre_attn_scalar is not None else c.dim_per_head))
     out["hidden_activation"] = out.pop("hidden_act")
     return out
 
 
 rules = decoder_rules
+
+
+def _number(x):
+    """An integral float as an int (transformers' Gemma2Config types query_pre_attn_scalar as int)."""
+    return int(x) if float(x).is_integer() else x

@@ -10,12 +10,15 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import numpy as np
+
 from jaxlm.config import ModelConfig
-from jaxlm.io.hf.common import ACT_TO_HF, Rule, activation_from_hf, d_ff_from_hf, ident, transpose
+from jaxlm.io.hf.common import ACT_TO_HF, Rule, activation_from_hf, d_ff_from_hf, linear, reshaped, same, tied
 
 MODEL_TYPE = "gpt2"
 ARCHITECTURES = ("GPT2LMHeadModel", "GPT2Model")
 PREFIX = "transformer."  # GPT2LMHeadModel's body; GPT2Model's tensors have no prefix
+BARE = ("GPT2Model",)
 SKIP = re.compile(r"(^|\.)attn\.(bias|masked_bias)$")  # causal-mask buffers, not weights
 
 
@@ -56,28 +59,30 @@ def config_to_hf(c: ModelConfig) -> dict[str, Any]:
 
 def rules(c: ModelConfig) -> list[Rule]:
     D, H, Dh, F, V, P = c.d_model, c.n_heads, c.dim_per_head, c.mlp_dim, c.vocab_size, c.max_len
-    L = r"h\.(\d+)\."
     blk = "layers.blocks."
-    qkv_w = [(f"{blk}attn.{n}.kernel", lambda w, j=j: w[:, j * D:(j + 1) * D].reshape(D, H, Dh))
-             for j, n in enumerate("qkv")]
-    qkv_b = [(f"{blk}attn.{n}.bias", lambda b, j=j: b[j * D:(j + 1) * D].reshape(H, Dh))
-             for j, n in enumerate("qkv")]
+
+    def split_qkv(kind, param, shape, piece):  # c_attn holds q, k and v side by side along its last axis
+        return Rule(f"h.{{}}.attn.c_attn.{kind}", shape,
+                    tuple((f"{blk}attn.{n}.{param}", lambda w, j=j: piece(w[..., j * D:(j + 1) * D]))
+                          for j, n in enumerate("qkv")),
+                    lambda *qkv: np.concatenate([x.reshape(*shape[:-1], D) for x in qkv], axis=-1))
+
     return [
-        (r"wte\.weight", (V, D), [("embed.tokens.embedding", ident)]),
-        (r"wpe\.weight", (P, D), [("embed.positions.embedding", ident)]),
-        (L + r"ln_1\.weight", (D,), [(blk + "attn_norm.scale", ident)]),
-        (L + r"ln_1\.bias", (D,), [(blk + "attn_norm.bias", ident)]),
-        (L + r"attn\.c_attn\.weight", (D, 3 * D), qkv_w),
-        (L + r"attn\.c_attn\.bias", (3 * D,), qkv_b),
-        (L + r"attn\.c_proj\.weight", (D, D), [(blk + "attn.o.kernel", lambda w: w.reshape(H, Dh, D))]),
-        (L + r"attn\.c_proj\.bias", (D,), [(blk + "attn.o.bias", ident)]),
-        (L + r"ln_2\.weight", (D,), [(blk + "mlp_norm.scale", ident)]),
-        (L + r"ln_2\.bias", (D,), [(blk + "mlp_norm.bias", ident)]),
-        (L + r"mlp\.c_fc\.weight", (D, F), [(blk + "mlp.up.kernel", ident)]),
-        (L + r"mlp\.c_fc\.bias", (F,), [(blk + "mlp.up.bias", ident)]),
-        (L + r"mlp\.c_proj\.weight", (F, D), [(blk + "mlp.down.kernel", ident)]),
-        (L + r"mlp\.c_proj\.bias", (D,), [(blk + "mlp.down.bias", ident)]),
-        (r"ln_f\.weight", (D,), [("final_norm.scale", ident)]),
-        (r"ln_f\.bias", (D,), [("final_norm.bias", ident)]),
-        (r"lm_head\.weight", (V, D), [] if c.tie_embeddings else [("lm_head.kernel", transpose)]),
+        same("wte.weight", (V, D), "embed.tokens.embedding"),
+        same("wpe.weight", (P, D), "embed.positions.embedding"),
+        same("h.{}.ln_1.weight", (D,), blk + "attn_norm.scale"),
+        same("h.{}.ln_1.bias", (D,), blk + "attn_norm.bias"),
+        split_qkv("weight", "kernel", (D, 3 * D), lambda w: w.reshape(D, H, Dh)),
+        split_qkv("bias", "bias", (3 * D,), lambda b: b.reshape(H, Dh)),
+        reshaped("h.{}.attn.c_proj.weight", (D, D), blk + "attn.o.kernel", (H, Dh, D)),
+        same("h.{}.attn.c_proj.bias", (D,), blk + "attn.o.bias"),
+        same("h.{}.ln_2.weight", (D,), blk + "mlp_norm.scale"),
+        same("h.{}.ln_2.bias", (D,), blk + "mlp_norm.bias"),
+        same("h.{}.mlp.c_fc.weight", (D, F), blk + "mlp.up.kernel"),
+        same("h.{}.mlp.c_fc.bias", (F,), blk + "mlp.up.bias"),
+        same("h.{}.mlp.c_proj.weight", (F, D), blk + "mlp.down.kernel"),
+        same("h.{}.mlp.c_proj.bias", (D,), blk + "mlp.down.bias"),
+        same("ln_f.weight", (D,), "final_norm.scale"),
+        same("ln_f.bias", (D,), "final_norm.bias"),
+        tied("lm_head.weight", (V, D)) if c.tie_embeddings else linear("lm_head.weight", (V, D), "lm_head.kernel", head=True),
     ]

@@ -12,11 +12,12 @@ import re
 from typing import Any
 
 from jaxlm.config import ModelConfig
-from jaxlm.io.hf.common import ACT_TO_HF, Rule, activation_from_hf, ident, transpose
+from jaxlm.io.hf.common import ACT_TO_HF, Rule, activation_from_hf, linear, reshaped, same, tied
 
 MODEL_TYPE = "llama"
 ARCHITECTURES = ("LlamaForCausalLM",)
 PREFIX = "model."  # the body; lm_head.weight has none
+BARE = ()
 SKIP = re.compile(r"(^|\.)rotary_emb\.inv_freq$")  # a buffer in older checkpoints
 
 _LAYER_TYPES = {"full_attention": "full", "sliding_attention": "sliding"}
@@ -128,32 +129,32 @@ def decoder_rules(c: ModelConfig) -> list[Rule]:
     """The weight rules of the shared layout, read off the config: q/k/v biases, q/k norms and
     Gemma 2's sandwich norms where the config has them."""
     D, H, K, Dh, F, V = c.d_model, c.n_heads, c.kv_heads, c.dim_per_head, c.mlp_dim, c.vocab_size
-    L = r"layers\.(\d+)\."
+    L = "layers.{}."
     blk = "layers.blocks."
     sandwich = c.norm_position == "sandwich"
     rules = [
-        (r"embed_tokens\.weight", (V, D), [("embed.tokens.embedding", ident)]),
-        (L + r"input_layernorm\.weight", (D,), [(blk + "attn_norm.scale", ident)]),
-        (L + r"self_attn\.q_proj\.weight", (H * Dh, D), [(blk + "attn.q.kernel", lambda w: transpose(w).reshape(D, H, Dh))]),
-        (L + r"self_attn\.k_proj\.weight", (K * Dh, D), [(blk + "attn.k.kernel", lambda w: transpose(w).reshape(D, K, Dh))]),
-        (L + r"self_attn\.v_proj\.weight", (K * Dh, D), [(blk + "attn.v.kernel", lambda w: transpose(w).reshape(D, K, Dh))]),
-        (L + r"self_attn\.o_proj\.weight", (D, H * Dh), [(blk + "attn.o.kernel", lambda w: transpose(w).reshape(H, Dh, D))]),
+        same("embed_tokens.weight", (V, D), "embed.tokens.embedding"),
+        same(L + "input_layernorm.weight", (D,), blk + "attn_norm.scale"),
+        linear(L + "self_attn.q_proj.weight", (H * Dh, D), blk + "attn.q.kernel", (D, H, Dh)),
+        linear(L + "self_attn.k_proj.weight", (K * Dh, D), blk + "attn.k.kernel", (D, K, Dh)),
+        linear(L + "self_attn.v_proj.weight", (K * Dh, D), blk + "attn.v.kernel", (D, K, Dh)),
+        linear(L + "self_attn.o_proj.weight", (D, H * Dh), blk + "attn.o.kernel", (H, Dh, D)),
         # Llama's "post_attention_layernorm" is the norm before the MLP; Gemma 2's is a true post-norm.
-        (L + r"post_attention_layernorm\.weight", (D,), [(blk + ("attn_post_norm" if sandwich else "mlp_norm") + ".scale", ident)]),
-        (L + r"mlp\.gate_proj\.weight", (F, D), [(blk + "mlp.gate.kernel", transpose)]),
-        (L + r"mlp\.up_proj\.weight", (F, D), [(blk + "mlp.up.kernel", transpose)]),
-        (L + r"mlp\.down_proj\.weight", (D, F), [(blk + "mlp.down.kernel", transpose)]),
-        (r"norm\.weight", (D,), [("final_norm.scale", ident)]),
-        (r"lm_head\.weight", (V, D), [] if c.tie_embeddings else [("lm_head.kernel", transpose)]),
+        same(L + "post_attention_layernorm.weight", (D,), blk + ("attn_post_norm" if sandwich else "mlp_norm") + ".scale"),
+        linear(L + "mlp.gate_proj.weight", (F, D), blk + "mlp.gate.kernel"),
+        linear(L + "mlp.up_proj.weight", (F, D), blk + "mlp.up.kernel"),
+        linear(L + "mlp.down_proj.weight", (D, F), blk + "mlp.down.kernel"),
+        same("norm.weight", (D,), "final_norm.scale"),
+        tied("lm_head.weight", (V, D)) if c.tie_embeddings else linear("lm_head.weight", (V, D), "lm_head.kernel", head=True),
     ]
     if c.has_qkv_bias:
-        rules += [(L + rf"self_attn\.{n}_proj\.bias", (n_heads * Dh,), [(blk + f"attn.{n}.bias", lambda b, n_heads=n_heads: b.reshape(n_heads, Dh))])
-                  for n, n_heads in (("q", H), ("k", K), ("v", K))]
+        rules += [reshaped(L + f"self_attn.{n}_proj.bias", (heads * Dh,), blk + f"attn.{n}.bias", (heads, Dh))
+                  for n, heads in (("q", H), ("k", K), ("v", K))]
     if c.qk_norm:
-        rules += [(L + rf"self_attn\.{n}_norm\.weight", (Dh,), [(blk + f"attn.{n}_norm.scale", ident)]) for n in "qk"]
+        rules += [same(L + f"self_attn.{n}_norm.weight", (Dh,), blk + f"attn.{n}_norm.scale") for n in "qk"]
     if sandwich:
-        rules += [(L + r"pre_feedforward_layernorm\.weight", (D,), [(blk + "mlp_norm.scale", ident)]),
-                  (L + r"post_feedforward_layernorm\.weight", (D,), [(blk + "mlp_post_norm.scale", ident)])]
+        rules += [same(L + "pre_feedforward_layernorm.weight", (D,), blk + "mlp_norm.scale"),
+                  same(L + "post_feedforward_layernorm.weight", (D,), blk + "mlp_post_norm.scale")]
     return rules
 
 

@@ -1,0 +1,96 @@
+"""jaxlm -> Hugging Face: ``export(src, dst)`` writes config.json, generation_config.json,
+safetensors shards (with an index past ``max_shard_size``) and the tokenizer files, tensor group
+by tensor group. LoRA adapters are merged into their kernels on the way.
+
+A jaxlm model dir is read one parameter at a time (orbax partial loads); a training workdir or an
+HF dir is read whole first (``read_model``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from jaxlm.compress.lora import merged_kernel
+from jaxlm.config import ModelConfig
+from jaxlm.io.atomic import atomic_dir, check_destination
+from jaxlm.io.hf import family_of
+from jaxlm.io.hf.weights import DTYPES, ShardedWriter, flatten, hf_tensors, parse_size
+from jaxlm.io.hub import local_dir
+from jaxlm.io.model_dir import is_model_dir, read_config, read_param
+from jaxlm.io.read import read_model
+from jaxlm.tokenizer import load_tokenizer
+from jaxlm.transformer import abstract_params, stack_layers
+
+
+def export(src, dst, *, max_shard_size="5GB", dtype: str | None = None, overwrite: bool = False, log=None) -> Path:
+    """Write the model at ``src`` (anything ``read_model`` takes) as a Hugging Face model dir."""
+    shard_bytes = parse_size(max_shard_size)
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"--dtype={dtype} is not one of {', '.join(DTYPES)}")
+    check_destination(dst, overwrite=overwrite)  # before any reading
+    config, read, tokenizer = _source(src)
+    config, read = _merged(config, read)
+    family = family_of(config)
+    hf_config = family.config_to_hf(config)
+    _check_exportable(config, family)
+    arch = hf_config["architectures"][0]
+    with atomic_dir(dst, overwrite) as tmp:
+        writer = ShardedWriter(tmp, shard_bytes)
+        dtypes = set()
+        for name, w in hf_tensors(config, family, read, bare=arch in family.BARE, dtype=dtype):
+            writer.add(name, w)
+            dtypes.add(w.dtype.name)
+        files = writer.close()
+        stored = dtype or ("bfloat16" if "bfloat16" in dtypes else "float16" if "float16" in dtypes else "float32")
+        Path(tmp, "config.json").write_text(json.dumps({**hf_config, "dtype": stored, "torch_dtype": stored},
+                                                       indent=2) + "\n")
+        generation = {k: getattr(config, f"{k}_token_id") for k in ("bos", "eos", "pad")}
+        Path(tmp, "generation_config.json").write_text(json.dumps(
+            {f"{k}_token_id": v for k, v in generation.items() if v is not None}, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+    if log is not None:
+        log(f"exported {src} -> {dst} ({arch}, {stored}): {', '.join(files)}")
+    return Path(dst)
+
+
+def _source(src):
+    """(config, read(dotted path) -> numpy array in the stacked layout, tokenizer)."""
+    d = local_dir(src)
+    if is_model_dir(d):  # one parameter at a time
+        return read_config(d), lambda name: np.asarray(read_param(d / "params", name)), load_tokenizer(d)
+    config, params, tokenizer = read_model(d)
+    flat = flatten(stack_layers(params))
+    return config, lambda name: np.asarray(flat[name]), tokenizer
+
+
+def _merged(config: ModelConfig, read):
+    """The config and reader of the model with its LoRA adapters folded into the kernels."""
+    if not config.lora_rank:
+        return config, read
+    scale = config.lora_alpha / config.lora_rank
+
+    def merged(name):
+        owner = name.rsplit(".", 1)[0]
+        if name.endswith(".kernel") and owner.split(".")[-1] in config.lora_targets and "layers." in name:
+            return np.asarray(merged_kernel(read(name), read(owner + ".lora_a"), read(owner + ".lora_b"), scale))
+        return read(name)
+
+    return config.replace(lora_rank=0), merged
+
+
+def _check_exportable(config: ModelConfig, family) -> None:
+    """Refuse what has no Hugging Face tensors: int8 or factored kernels, a soft prompt, or any
+    parameter the family's rules do not write (e.g. a GPT-2 classification head)."""
+    if config.quantize != "none" or config.factor_rank:
+        raise ValueError("export a float model: int8 / low-rank factored kernels have no Hugging Face form here")
+    if config.prompt_length:
+        raise ValueError("a soft prompt (prompt tuning) has no Hugging Face form; export the base model")
+    written = {path for rule in family.rules(config) if rule.to_hf is not None for path, _ in rule.targets}
+    left = sorted(set(flatten(abstract_params(config))) - written)
+    if left:
+        raise ValueError(f"{family.MODEL_TYPE} has no Hugging Face tensor for parameter {left[0]}"
+                         + (f" (and {len(left) - 1} more)" if len(left) > 1 else ""))

@@ -147,7 +147,8 @@ def cmd_export(args) -> int:
     from jaxlm.io import export
 
     t0 = time.perf_counter()
-    export(args.src, args.dst, max_shard_size=args.max_shard_size, dtype=args.dtype, overwrite=args.overwrite, log=_log)
+    export(args.src, args.dst, max_shard_size=args.max_shard_size, dtype=args.dtype, peft=args.peft,
+           overwrite=args.overwrite, log=_log)
     _log(f"done in {time.perf_counter() - t0:.1f}s")
     return 0
 
@@ -263,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "this size, with an index (default 5GB)")
     ex.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                     help="cast the weights (default: as stored)")
+    ex.add_argument("--peft", action="store_true", help="write LoRA adapters as a PEFT adapter dir (DST/adapter) "
+                    "beside the base model instead of merging them")
     ex.add_argument("--overwrite", action="store_true", help="replace a non-empty DST (only once the new one is complete)")
     ex.set_defaults(func=cmd_export)
     transform("merge", "write a jaxlm model dir with LoRA adapters merged into the kernels").set_defaults(func=cmd_merge)

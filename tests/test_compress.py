@@ -193,6 +193,9 @@ def test_lora_training_changes_only_adapters(base_run, tmp_path):
     with torch.no_grad():
         theirs = hf(torch.tensor(IDS)).logits.numpy()
     np.testing.assert_allclose(theirs, np.asarray(lora.logits(IDS)), atol=1e-4)
+    with pytest.raises(ValueError, match="LoRA on the 'q' kernels has no PEFT form for gpt2"):
+        export(work, tmp_path / "peft", peft=True)  # GPT-2 fuses q, k, v into one Conv1D
+    assert not (tmp_path / "peft").exists()
 
 
 def test_adapter_workdir_with_relative_base_loads_from_any_directory(base_run, tmp_path, monkeypatch):

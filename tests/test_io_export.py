@@ -121,6 +121,7 @@ def test_bad_export_input_is_one_line_and_writes_nothing(hf_dir, tmp_path):
         ((src, tmp_path / "x", "--max-shard-size", "lots"), r"--max-shard-size='lots' is not a size; write e.g. 5GB"),
         ((tmp_path / "int8", tmp_path / "x"), "int8 / low-rank factored kernels have no Hugging Face form"),
         ((tmp_path / "cls", tmp_path / "x"), "gpt2 has no Hugging Face tensor for parameter classifier.bias"),
+        ((src, tmp_path / "x", "--peft"), "--peft: .* has no LoRA adapters"),
     ]:
         r = jaxlm_cmd("export", *args)
         lines = [x for x in r.stderr.splitlines() if x.strip()]

@@ -30,8 +30,12 @@ def adapted_config(base: ModelConfig, adapt: AdaptConfig, run: ModelConfig, wher
             raise ValueError(f"{where} has a soft prompt already")
         config = config.replace(prompt_length=adapt.prompt_length)
     if adapt.method == "lora":
-        if config.lora_rank:
-            raise ValueError(f"{where} has LoRA adapters already; export it merged first (jaxlm export)")
-        config = config.replace(lora_rank=adapt.lora_rank, lora_alpha=adapt.lora_alpha,
-                                lora_targets=adapt.lora_targets)
+        wanted = config.replace(lora_rank=adapt.lora_rank, lora_alpha=adapt.lora_alpha, lora_targets=adapt.lora_targets)
+        if config.lora_rank and (config.lora_rank, config.lora_alpha, config.lora_targets) != \
+                (wanted.lora_rank, wanted.lora_alpha, wanted.lora_targets):
+            raise ValueError(
+                f"{where} has LoRA adapters already (rank {config.lora_rank}, alpha {config.lora_alpha:g} on "
+                f"{','.join(config.lora_targets)}): set adapt.lora_rank / lora_alpha / lora_targets to those to "
+                "train them further, or merge them first (jaxlm merge)")
+        config = wanted  # fresh adapters, or the base's own to train further
     return config

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from safetensors.numpy import save_file
 
 from jaxlm.compress.lora import merged_kernel
 from jaxlm.config import ModelConfig
@@ -20,19 +21,31 @@ from jaxlm.io.hf import family_of
 from jaxlm.io.hf.weights import DTYPES, ShardedWriter, flatten, hf_tensors, parse_size
 from jaxlm.io.hub import local_dir
 from jaxlm.io.model_dir import is_model_dir, read_config, read_param
+from jaxlm.io.peft import CONFIG, WEIGHTS, adapter_config, adapter_tensors
 from jaxlm.io.read import read_model
 from jaxlm.tokenizer import load_tokenizer
 from jaxlm.transformer import abstract_params, stack_layers
 
 
-def export(src, dst, *, max_shard_size="5GB", dtype: str | None = None, overwrite: bool = False, log=None) -> Path:
-    """Write the model at ``src`` (anything ``read_model`` takes) as a Hugging Face model dir."""
+def export(src, dst, *, max_shard_size="5GB", dtype: str | None = None, peft: bool = False,
+           overwrite: bool = False, log=None) -> Path:
+    """Write the model at ``src`` (anything ``read_model`` takes) as a Hugging Face model dir.
+
+    ``peft``: write the base model without its LoRA adapters, and the adapters as a PEFT adapter
+    dir in DST/adapter (base_model_name_or_path: DST) instead of merging them.
+    """
     shard_bytes = parse_size(max_shard_size)
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"--dtype={dtype} is not one of {', '.join(DTYPES)}")
-    check_destination(dst, overwrite=overwrite)  # before any reading
+    final = check_destination(dst, overwrite=overwrite)  # before any reading
     config, read, tokenizer = _source(src)
-    config, read = _merged(config, read)
+    adapted = config
+    if peft:
+        if not config.lora_rank:
+            raise ValueError(f"--peft: {src} has no LoRA adapters (train with adapt.method=lora, or export without --peft)")
+        config = config.replace(lora_rank=0)  # the base, as it was
+    else:
+        config, read = _merged(config, read)
     family = family_of(config)
     hf_config = family.config_to_hf(config)
     _check_exportable(config, family)
@@ -52,9 +65,19 @@ def export(src, dst, *, max_shard_size="5GB", dtype: str | None = None, overwrit
             {f"{k}_token_id": v for k, v in generation.items() if v is not None}, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save(tmp)
+        if peft:
+            _write_adapter(adapted, family, read, tmp / "adapter", base=str(final), bare=arch in family.BARE)
+            files.append("adapter/")
     if log is not None:
         log(f"exported {src} -> {dst} ({arch}, {stored}): {', '.join(files)}")
     return Path(dst)
+
+
+def _write_adapter(config: ModelConfig, family, read, directory: Path, *, base: str, bare: bool) -> None:
+    directory.mkdir()
+    tensors = dict(adapter_tensors(config, family, read, bare=bare))
+    save_file(tensors, str(directory / WEIGHTS), metadata={"format": "pt"})
+    (directory / CONFIG).write_text(json.dumps(adapter_config(config, family, base, bare=bare), indent=2) + "\n")
 
 
 def _source(src):

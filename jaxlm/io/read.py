@@ -13,19 +13,22 @@ from jaxlm.compress import tree
 from jaxlm.compress.adapt import trainable
 from jaxlm.config import Config, ModelConfig, fields_of
 from jaxlm.io.checkpoints import TrainCheckpoints, is_workdir
-from jaxlm.io.hf import hf_to_params, is_hf_dir
+from jaxlm.io.hf import family_of, hf_to_params, is_hf_dir
 from jaxlm.io.hub import local_dir
 from jaxlm.io.model_dir import is_model_dir, read_model_dir
+from jaxlm.io.peft import is_peft_dir, read_adapter
 from jaxlm.tokenizer import load_tokenizer
-from jaxlm.transformer import abstract_model, params_for
+from jaxlm.transformer import abstract_model, params_for, stack_layers
 
 
 def read_model(path):
     """(config, params, tokenizer or None) from a jaxlm model dir, a training workdir (its latest
     checkpoint; with adapters or a soft prompt, merged onto the base model it started from), a
-    Hugging Face model dir or a hub id. Params are on one device, in either layer layout: pass
+    Hugging Face model dir or hub id, or a PEFT LoRA adapter dir (with the base it names). Params are on one device, in either layer layout: pass
     them through ``transformer.params_for(config, params)`` for the one ``config`` asks for."""
     d = local_dir(path)
+    if is_peft_dir(d):
+        return read_peft(d)
     if is_model_dir(d):
         return read_model_dir(d)
     if is_workdir(d):
@@ -57,6 +60,21 @@ def read_workdir(path):
         check_same_base(base_config, cfg.model, cfg.adapt.init)
         params = tree.merge(params_for(cfg.model, base_params), params)
     return cfg.model, params, load_tokenizer(path)
+
+
+def read_peft(path):
+    """(config with LoRA adapters, params, tokenizer) from a PEFT LoRA dir and the base model its
+    adapter_config.json names (``base_model_name_or_path``)."""
+    base = json.loads(Path(path, "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{path}/adapter_config.json names no base_model_name_or_path")
+    base_config, base_params, tokenizer = read_base(base, f"the PEFT adapter {path}")
+    config, adapters = read_adapter(path, base_config, family_of(base_config))
+    params = tree.copy_dicts(stack_layers(base_params))
+    for owner, (a, b) in adapters.items():
+        node = tree.get(params, owner.split("."))
+        node["lora_a"], node["lora_b"] = jnp.asarray(a), jnp.asarray(b)
+    return config, params, tokenizer
 
 
 def read_base(init: str, user: str):

@@ -60,7 +60,7 @@ def make_train_step(graphdef, tx, spec: StepSpec, lr_fn, *, dropout: bool = True
         params = optax.apply_updates(params, updates)
         if masks is not None:
             params = apply_masks(params, masks)
-        metrics = {"loss": l / n, "accuracy": c / n, "grad_norm": optax.global_norm(grads), "lr": lr_fn(step)}
+        metrics = {"loss": l / n, "accuracy": c / n, "grad_norm": optax.tree.norm(grads), "lr": lr_fn(step)}
         return {"params": params, "opt_state": opt_state, "step": step + 1}, metrics
 
     out = None if state_sharding is None else (state_sharding, None)

@@ -30,6 +30,7 @@ class Rule:
     to_hf: Callable | None  # (values of the targets, in order) -> HF tensor; None: not written (tied)
     aliases: tuple[str, ...] = ()  # other names it is read from (older checkpoints)
     head: bool = False  # outside the body: never carries the family's prefix
+    torch_linear: bool = False  # the weight of a torch Linear module (LoRA adapters in PEFT form fit it)
 
     @property
     def layered(self) -> bool:
@@ -55,7 +56,7 @@ def linear(name: str, shape: tuple, path: str, param_shape: tuple | None = None,
     out_dim, in_dim = shape
     param_shape = param_shape or (in_dim, out_dim)
     return Rule(name, shape, ((path, lambda w: transpose(w).reshape(param_shape)),),
-                lambda k: transpose(k.reshape(in_dim, out_dim)), **kw)
+                lambda k: transpose(k.reshape(in_dim, out_dim)), torch_linear=True, **kw)
 
 
 def tied(name: str, shape: tuple, **kw) -> Rule:

@@ -87,3 +87,35 @@ def test_fine_tuning_learns_a_separable_task(tmp_path, preset):
     lm = jaxlm.load(work)
     assert lm.config.label_names == ("high", "low")
     assert lm.classify(["abcabcabc", "xyzxyzxyz"]) == ["low", "high"]
+
+
+def test_pretrained_minilm_fine_tuned_and_exported_runs_in_transformers(tmp_path):
+    """Real weights end to end: the pretrained MiniLM (a BertModel) gets a classification head
+    from `jaxlm train train.objective=classify`, and its Hugging Face export, read by
+    AutoModelForSequenceClassification, gives jaxlm's logits and label names."""
+    import torch
+    import transformers
+
+    from jaxlm.io import export
+    from jaxlm.testing import minilm_dir
+    from jaxlm.train import train
+
+    package_task(tmp_path / "task", packages=("asyncio", "email", "tkinter"), chunks_per_file=2)
+    train(load_config(None, [f"adapt.init={minilm_dir()}", "train.objective=classify", f"data.path={tmp_path / 'task'}",
+                             "data.seq_len=16", "data.batch_size=4", "train.steps=2", "train.eval_every=0", "mesh.data=1",
+                             f"train.workdir={tmp_path / 'run'}", "optim.lr=5e-5", "optim.warmup_steps=1"]),
+          log=lambda m: None)
+    export(tmp_path / "run", tmp_path / "hf")
+    lm = jaxlm.load(tmp_path / "run")
+    assert lm.config.head == "classify" and lm.config.pooler and lm.config.n_layers == 6 and lm.config.d_model == 384
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
+    assert hf.config.id2label == {0: "asyncio", 1: "email", 2: "tkinter"}
+    texts = ["import asyncio\nasync def main():\n    await asyncio.sleep(1)", "from email.message import Message"]
+    rows = [lm.tokenizer.encode(t) for t in texts]
+    ids, mask = np.zeros((2, max(map(len, rows))), np.int64), np.zeros((2, max(map(len, rows))), np.int64)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)], mask[i, :len(r)] = r, 1
+    with torch.no_grad():
+        theirs = hf(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(lm.logits(ids, mask)), theirs, atol=1e-4)
+    assert lm.classify(texts) == [hf.config.id2label[int(i)] for i in theirs.argmax(-1)]

@@ -18,7 +18,7 @@ from conftest import stdlib_slice
 
 TOL = 1e-4
 IDS = np.random.RandomState(0).randint(0, 512, (2, 11))
-RUN = ["model.max_len=64", "data.seq_len=32", "data.batch_size=8", "train.eval_every=0", "optim.lr=1e-2"]
+RUN = ["model.max_len=64", "data.seq_len=32", "data.batch_size=8", "train.eval_every=0", "optim.lr=1e-2", "mesh.data=1"]
 
 
 @pytest.fixture(scope="module")

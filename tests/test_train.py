@@ -194,7 +194,7 @@ def test_decoder_families_learn(corpus, tmp_path, preset):
     """30 steps of each Llama-layout family (rows of 32 past Mistral's and Gemma 2's 16-token windows)."""
     w = tmp_path / preset
     train(load_config(None, args(corpus, w, f"model={preset}", "train.steps=30", "train.eval_every=30",
-                                 "train.save_every=30", "optim.lr=3e-3")), log=lambda m: None)
+                                 "train.save_every=30", "optim.lr=3e-3", "mesh.data=1")), log=lambda m: None)
     evals = [json.loads(x) for x in open(w / "metrics.jsonl") if "val_loss" in x]
     print(preset, [round(e["val_loss"], 3) for e in evals])
     assert [e["step"] for e in evals] == [0, 30] and evals[1]["val_loss"] < evals[0]["val_loss"] - 1.0

@@ -29,7 +29,11 @@ def config_from_hf(hf: dict[str, Any], arch: str) -> ModelConfig:
             "(only 'absolute')")
     if hf.get("is_decoder") or hf.get("add_cross_attention"):
         raise ValueError("BERT as a decoder (is_decoder / add_cross_attention) is not supported")
+    head = _HEAD_OF.get(arch, "none")
     labels = hf.get("id2label") or {}
+    names = tuple(str(labels.get(str(i), labels.get(i, ""))) for i in range(len(labels)))
+    if all(n == f"LABEL_{i}" for i, n in enumerate(names)):  # transformers' placeholders: no names
+        names = ()
     return ModelConfig(
         name=hf.get("_name_or_path") or "bert", arch="encoder",
         vocab_size=hf.get("vocab_size", 30522), max_len=hf.get("max_position_embeddings", 512),
@@ -39,9 +43,10 @@ def config_from_hf(hf: dict[str, Any], arch: str) -> ModelConfig:
         activation=activation_from_hf(hf.get("hidden_act", "gelu")), norm="layernorm",
         norm_eps=hf.get("layer_norm_eps", 1e-12), norm_position="post", embed_norm=True,
         final_norm=False, positions="learned", type_vocab_size=hf.get("type_vocab_size", 2),
-        tie_embeddings=hf.get("tie_word_embeddings", True), head=_HEAD_OF.get(arch, "none"),
+        tie_embeddings=hf.get("tie_word_embeddings", True), head=head,
         pooler=arch in ("BertModel", "BertForSequenceClassification"),
         num_labels=hf.get("num_labels") or len(labels) or 2,
+        label_names=names if head == "classify" else (),
         dropout=hf.get("hidden_dropout_prob", 0.1),
         attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
         init_std=hf.get("initializer_range", 0.02), pad_token_id=hf.get("pad_token_id", 0),
@@ -61,7 +66,9 @@ def config_to_hf(c: ModelConfig) -> dict[str, Any]:
         "pad_token_id": c.pad_token_id, "tie_word_embeddings": c.tie_embeddings,
     }
     if c.head == "classify":
-        out["id2label"] = {str(i): f"LABEL_{i}" for i in range(c.num_labels)}
+        names = c.label_names or tuple(f"LABEL_{i}" for i in range(c.num_labels))
+        out["id2label"] = {str(i): n for i, n in enumerate(names)}
+        out["label2id"] = {n: i for i, n in enumerate(names)}
     return out
 
 

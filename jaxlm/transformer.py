@@ -170,7 +170,10 @@ def unstack_layers(params: dict, n_layers: int) -> dict:
     blocks = params["layers"]["blocks"]
     if all(isinstance(k, int) for k in blocks):
         return params
-    per_layer = {i: jax.tree.map(lambda a: a[i], blocks) for i in range(n_layers)}
+    def layer(a, i):  # arrays, or ShapeDtypeStructs (abstract params)
+        return jax.ShapeDtypeStruct(a.shape[1:], a.dtype) if isinstance(a, jax.ShapeDtypeStruct) else a[i]
+
+    per_layer = {i: jax.tree.map(lambda a: layer(a, i), blocks) for i in range(n_layers)}
     return {**params, "layers": {**params["layers"], "blocks": per_layer}}
 
 

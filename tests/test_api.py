@@ -41,6 +41,29 @@ def test_save_load_round_trip(gpt2, tmp_path):
         gpt2.save(tmp_path / "m")
 
 
+def test_model_dirs_store_layers_apart_and_read_the_stacked_layout(gpt2, tmp_path):
+    import shutil
+
+    import orbax.checkpoint.experimental.v1 as ocp
+
+    from jaxlm.io.model_dir import param_metadata, read_model_dir
+    from jaxlm.transformer import stack_layers
+
+    gpt2.save(tmp_path / "m")
+    stored = param_metadata(tmp_path / "m" / "params")
+    n = gpt2.config.n_layers
+    assert {k.split(".")[2] for k in stored if k.startswith("layers.blocks.")} == {str(i) for i in range(n)}
+    assert stored["layers.blocks.0.attn.q.kernel"][0] == (64, 4, 16)  # one layer: no layers axis
+    # A dir written by an earlier version: one array per parameter with a leading layers axis.
+    shutil.copytree(tmp_path / "m", tmp_path / "old", ignore=shutil.ignore_patterns("params"))
+    _, params, _ = read_model_dir(tmp_path / "m")
+    ocp.save((tmp_path / "old" / "params").absolute(), stack_layers(params))
+    assert param_metadata(tmp_path / "old" / "params")["layers.blocks.attn.q.kernel"][0] == (n, 64, 4, 16)
+    ids, mask = ragged_batch(50257, [7, 3], seed=0)
+    np.testing.assert_array_equal(np.asarray(jaxlm.load(tmp_path / "old").logits(ids, mask)),
+                                  np.asarray(gpt2.logits(ids, mask)))
+
+
 def test_runtime_overrides_keep_results(hf_dir):
     path = hf_dir("BertForMaskedLM")
     ids, mask = ragged_batch(1000, [9, 4], seed=1)

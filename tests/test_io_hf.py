@@ -213,6 +213,23 @@ def test_index_naming_a_missing_shard_is_named(hf_dir, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_tensor_missing_from_the_shards_is_named(hf_dir, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    sharded = tmp_path / "sharded"
+    transformers.LlamaForCausalLM.from_pretrained(hf_dir("LlamaForCausalLM")).save_pretrained(sharded, max_shard_size="100KB")
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    gone = "model.layers.1.mlp.up_proj.weight"
+    shard = sharded / index["weight_map"].pop(gone)
+    save_file({k: v for k, v in load_file(str(shard)).items() if k != gone}, str(shard), metadata={"format": "pt"})
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    proc = subprocess.run([sys.executable, "-m", "jaxlm.cli", "convert", str(sharded), str(tmp_path / "out")],
+                          capture_output=True, text=True)
+    lines = [x for x in proc.stderr.splitlines() if x.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].endswith("checkpoint lacks layers.1.mlp.up_proj.weight") and not (tmp_path / "out").exists()
+
+
 def jax_leaves(tree):
     import jax
 

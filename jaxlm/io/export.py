@@ -2,12 +2,14 @@
 safetensors shards (with an index past ``max_shard_size``) and the tokenizer files, tensor group
 by tensor group. LoRA adapters are merged into their kernels on the way.
 
-A jaxlm model dir is read one parameter at a time (orbax partial loads); a training workdir or an
-HF dir is read whole first (``read_model``).
+A jaxlm model dir is read one layer's parameter at a time (orbax partial loads) and each
+safetensors file is written as its tensors are computed, so memory does not grow with the number
+of layers; a training workdir or an HF dir is read whole first (``read_model``).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -18,13 +20,13 @@ from jaxlm.compress.lora import merged_kernel
 from jaxlm.config import ModelConfig
 from jaxlm.io.atomic import atomic_dir, check_destination
 from jaxlm.io.hf import family_of
-from jaxlm.io.hf.weights import DTYPES, ShardedWriter, flatten, hf_tensors, parse_size
+from jaxlm.io.hf.weights import DTYPES, export_plan, flatten, parse_size, write_safetensors
 from jaxlm.io.hub import local_dir
-from jaxlm.io.model_dir import is_model_dir, read_config, read_param
+from jaxlm.io.model_dir import is_model_dir, param_metadata, read_config, read_param
 from jaxlm.io.peft import CONFIG, WEIGHTS, adapter_config, adapter_tensors
 from jaxlm.io.read import read_model
 from jaxlm.tokenizer import load_tokenizer
-from jaxlm.transformer import abstract_params, stack_layers
+from jaxlm.transformer import abstract_params, unstack_layers
 
 
 def export(src, dst, *, max_shard_size="5GB", dtype: str | None = None, peft: bool = False,
@@ -38,7 +40,7 @@ def export(src, dst, *, max_shard_size="5GB", dtype: str | None = None, peft: bo
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"--dtype={dtype} is not one of {', '.join(DTYPES)}")
     final = check_destination(dst, overwrite=overwrite)  # before any reading
-    config, read, tokenizer = _source(src)
+    config, read, dtype_of, tokenizer = _source(src)
     adapted = config
     if peft:
         if not config.lora_rank:
@@ -51,12 +53,9 @@ def export(src, dst, *, max_shard_size="5GB", dtype: str | None = None, peft: bo
     _check_exportable(config, family)
     arch = hf_config["architectures"][0]
     with atomic_dir(dst, overwrite) as tmp:
-        writer = ShardedWriter(tmp, shard_bytes)
-        dtypes = set()
-        for name, w in hf_tensors(config, family, read, bare=arch in family.BARE, dtype=dtype):
-            writer.add(name, w)
-            dtypes.add(w.dtype.name)
-        files = writer.close()
+        plan = export_plan(config, family, read, dtype_of, bare=arch in family.BARE, dtype=dtype)
+        files = write_safetensors(tmp, plan, shard_bytes)
+        dtypes = {dt.name for _, _, dt, _ in plan}
         stored = dtype or ("bfloat16" if "bfloat16" in dtypes else "float16" if "float16" in dtypes else "float32")
         Path(tmp, "config.json").write_text(json.dumps({**hf_config, "dtype": stored, "torch_dtype": stored},
                                                        indent=2) + "\n")
@@ -81,13 +80,28 @@ def _write_adapter(config: ModelConfig, family, read, directory: Path, *, base: 
 
 
 def _source(src):
-    """(config, read(dotted path) -> numpy array in the stacked layout, tokenizer)."""
+    """(config, read(path), dtype_of(path), tokenizer): parameters by their path in the per-layer
+    layout ("layers.blocks.<i>. ..."), as numpy arrays."""
     d = local_dir(src)
-    if is_model_dir(d):  # one parameter at a time
-        return read_config(d), lambda name: np.asarray(read_param(d / "params", name)), load_tokenizer(d)
+    if is_model_dir(d):  # one parameter (of one layer) at a time, from disk
+        params = d / "params"
+        meta = param_metadata(params)
+        stacked = functools.lru_cache(maxsize=2)(lambda name: np.asarray(read_param(params, name)))
+
+        def locate(name):  # (stored name, layer to take from a stacked leaf or None)
+            if name in meta:
+                return name, None
+            parts = name.split(".")  # a directory written stacked: layers.blocks.<i>.x -> layers.blocks.x [i]
+            return ".".join(parts[:2] + parts[3:]), int(parts[2])
+
+        def read(name):
+            stored, layer = locate(name)
+            return np.asarray(read_param(params, stored)) if layer is None else stacked(stored)[layer]
+
+        return read_config(d), read, lambda name: meta[locate(name)[0]][1], load_tokenizer(d)
     config, params, tokenizer = read_model(d)
-    flat = flatten(stack_layers(params))
-    return config, lambda name: np.asarray(flat[name]), tokenizer
+    flat = flatten(unstack_layers(params, config.n_layers))
+    return config, lambda name: np.asarray(flat[name]), lambda name: flat[name].dtype, tokenizer
 
 
 def _merged(config: ModelConfig, read):
@@ -98,7 +112,7 @@ def _merged(config: ModelConfig, read):
 
     def merged(name):
         owner = name.rsplit(".", 1)[0]
-        if name.endswith(".kernel") and owner.split(".")[-1] in config.lora_targets and "layers." in name:
+        if name.endswith(".kernel") and owner.split(".")[-1] in config.lora_targets and name.startswith("layers."):
             return np.asarray(merged_kernel(read(name), read(owner + ".lora_a"), read(owner + ".lora_b"), scale))
         return read(name)
 

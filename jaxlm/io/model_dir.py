@@ -2,7 +2,9 @@
 
 Writes are atomic (``atomic.atomic_dir``): everything goes to a hidden sibling directory that is
 renamed into place only once complete, so a failure never leaves a half-written destination or
-touches an existing one. Params are stored in the stacked layout whatever ``scan_layers`` says.
+touches an existing one. Parameters are stored one block per layer (``layers/blocks/<i>/...``),
+so conversions write and read them a layer at a time; directories written stacked (a leading
+layers axis) by earlier versions read the same. Each array keeps the dtype it was stored in.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import orbax.checkpoint.experimental.v1 as ocp
 from jaxlm.config import ModelConfig
 from jaxlm.io.atomic import atomic_dir
 from jaxlm.tokenizer import load_tokenizer
-from jaxlm.transformer import abstract_params, stack_layers
+from jaxlm.transformer import abstract_params, unstack_layers
 
 FORMAT = "jaxlm-model-v1"
 
@@ -28,7 +30,7 @@ def is_model_dir(path) -> bool:
 
 def save_params(path, params) -> None:
     """Write a pytree of arrays (numpy or jax) as an orbax checkpoint at ``path`` (must not exist)."""
-    ocp.save(Path(path).absolute(), params)
+    ocp.save(Path(path).absolute(), storage_keys(params))
 
 
 class StreamingParamWriter:
@@ -38,34 +40,45 @@ class StreamingParamWriter:
         self.path = Path(path).absolute()
 
     def write(self, subtree: dict) -> None:
-        ocp.partial.save(self.path, subtree)
+        ocp.partial.save(self.path, storage_keys(subtree))
 
     def finalize(self) -> None:
         ocp.partial.finalize(self.path)
 
 
-def restore_params(path, abstract, sharding=None):
-    """Read an orbax param tree shaped like ``abstract`` (ShapeDtypeStructs), each leaf in the dtype
-    it was stored in (a bfloat16 checkpoint stays bfloat16).
+def storage_keys(tree):
+    """Layer indices as strings, as orbax names them on disk."""
+    return {str(k): storage_keys(v) for k, v in tree.items()} if isinstance(tree, dict) else tree
 
-    ``sharding``: a pytree of shardings like ``abstract``, or None for the first local device.
-    """
-    if sharding is None:
-        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        sharding = jax.tree.map(lambda _: one, abstract)
+
+def memory_keys(tree):
+    """Layer indices back to ints (the per-layer layout ``transformer.unstack_layers`` makes)."""
+    if not isinstance(tree, dict):
+        return tree
+    return {(int(k) if isinstance(k, str) and k.isdigit() else k): memory_keys(v) for k, v in tree.items()}
+
+
+def restore_params(path, abstract):
+    """Read an orbax param tree shaped like ``abstract`` (ShapeDtypeStructs of the stacked layout)
+    onto the first local device, in whichever layout it was stored, each leaf in its stored dtype."""
     path = Path(path).absolute()
     stored = ocp.metadata(path).metadata
+    blocks = stored.get("layers", {}).get("blocks", {})
+    if blocks and all(str(k).isdigit() for k in blocks):
+        abstract = unstack_layers(abstract, len(blocks))  # ShapeDtypeStructs, sliced per layer
+    abstract = storage_keys(abstract)
     _check_tree(stored, abstract)
+    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     dtypes = {jax.tree_util.keystr(k): m.dtype for k, m in jax.tree_util.tree_leaves_with_path(stored)}
     target = jax.tree_util.tree_map_with_path(
-        lambda k, a, s: jax.ShapeDtypeStruct(a.shape, dtypes.get(jax.tree_util.keystr(k), a.dtype), sharding=s),
-        abstract, sharding)
-    return ocp.load(path, target)
+        lambda k, a: jax.ShapeDtypeStruct(a.shape, dtypes.get(jax.tree_util.keystr(k), a.dtype), sharding=one),
+        abstract)
+    return memory_keys(ocp.load(path, target))
 
 
 def read_param(path, name: str):
-    """One parameter of an orbax param tree (``name``: its dotted path, e.g. "embed.tokens.embedding"),
-    read alone: the other leaves stay on disk."""
+    """One parameter of an orbax param tree (``name``: its dotted path, e.g. "embed.tokens.embedding"
+    or "layers.blocks.3.attn.q.kernel"), read alone: the other leaves stay on disk."""
     path = Path(path).absolute()
     one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     keys = tuple(name.split("."))
@@ -78,6 +91,13 @@ def read_param(path, name: str):
     for k in keys:
         tree = tree[k]
     return tree
+
+
+def param_metadata(path) -> dict:
+    """{dotted path: (shape, dtype)} of every stored parameter, read from the metadata only."""
+    stored = ocp.metadata(Path(path).absolute()).metadata
+    return {".".join(str(getattr(p, "key", p)) for p in k): (tuple(m.shape), m.dtype)
+            for k, m in jax.tree_util.tree_leaves_with_path(stored)}
 
 
 def _check_tree(stored, abstract) -> None:
@@ -95,7 +115,7 @@ def _check_tree(stored, abstract) -> None:
 def save_model(dst, config: ModelConfig, params, tokenizer=None, *, overwrite: bool = False) -> Path:
     """Write a jaxlm model directory atomically. ``params``: pure dict of arrays, either layout."""
     with atomic_dir(dst, overwrite) as tmp:
-        save_params(tmp / "params", stack_layers(params))
+        save_params(tmp / "params", unstack_layers(params, config.n_layers))
         write_config(tmp, config)
         if tokenizer is not None:
             tokenizer.save(tmp)
@@ -113,8 +133,8 @@ def read_config(path) -> ModelConfig:
     return ModelConfig.from_dict(d)
 
 
-def read_model_dir(path, sharding=None):
-    """(config, params in the stacked layout, tokenizer or None) from a jaxlm model directory."""
+def read_model_dir(path):
+    """(config, params in the stored layout, tokenizer or None) from a jaxlm model directory."""
     config = read_config(path)
-    params = restore_params(Path(path, "params"), abstract_params(config), sharding)
+    params = restore_params(Path(path, "params"), abstract_params(config))
     return config, params, load_tokenizer(path)

@@ -17,6 +17,7 @@ import numpy as np
 from safetensors import safe_open
 
 from jaxlm.config import ModelConfig
+from jaxlm.io.hf.weights import layer_path
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 ROOT = "base_model.model."  # how PEFT names the wrapped model's modules in its files
@@ -38,19 +39,19 @@ def kernel_modules(config: ModelConfig, family, *, bare: bool) -> dict[str, tupl
 
 
 def adapter_tensors(config: ModelConfig, family, read, *, bare: bool):
-    """Yield (PEFT tensor name, array) for every LoRA adapter of the model, layer by layer."""
+    """Yield (PEFT tensor name, array) for every LoRA adapter of the model, layer by layer
+    (``read(path)``: a parameter by its path in the per-layer layout)."""
     modules = kernel_modules(config, family, bare=bare)
     for kernel in config.lora_targets:
         if kernel not in modules:
             raise ValueError(f"LoRA on the {kernel!r} kernels has no PEFT form for {family.MODEL_TYPE} "
                              "(export the adapters merged instead)")
         module, path = modules[kernel]
-        owner = path.rsplit(".", 1)[0]
-        a, b = read(owner + ".lora_a"), read(owner + ".lora_b")  # [L, in, r], [L, r, out]
         for layer in range(config.n_layers):
+            owner = layer_path(path, layer).rsplit(".", 1)[0]
             name = ROOT + module.format(layer)
-            yield name + ".lora_A.weight", np.ascontiguousarray(a[layer].T)
-            yield name + ".lora_B.weight", np.ascontiguousarray(b[layer].T)
+            yield name + ".lora_A.weight", np.ascontiguousarray(np.asarray(read(owner + ".lora_a")).T)  # [in, r] -> [r, in]
+            yield name + ".lora_B.weight", np.ascontiguousarray(np.asarray(read(owner + ".lora_b")).T)  # [r, out] -> [out, r]
 
 
 def adapter_config(config: ModelConfig, family, base: str, *, bare: bool) -> dict:

@@ -16,10 +16,11 @@ from typing import Any
 from jaxlm.config import ModelConfig
 from jaxlm.io.atomic import atomic_dir
 from jaxlm.io.hf import bert, gemma, gemma2, gpt2, llama, mistral, qwen2, qwen3
-from jaxlm.io.hf.weights import DTYPES, converted_groups, unflatten
-from jaxlm.io.model_dir import StreamingParamWriter, write_config
+from jaxlm.io.hf.weights import DTYPES, converted_tensors, unflatten
+from jaxlm.io.model_dir import StreamingParamWriter, memory_keys, write_config
 from jaxlm.tokenizer import copy_tokenizer_files
 
+_BATCH_BYTES = 64 << 20  # converted tensors handed to orbax per partial save (each call costs ~0.5 s)
 FAMILIES = {f.MODEL_TYPE: f for f in (gpt2, bert, llama, mistral, qwen2, qwen3, gemma, gemma2)}
 
 
@@ -75,14 +76,12 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
 
 
 def hf_to_params(src, config: ModelConfig | None = None, log=None, dtype: str | None = None):
-    """(config, params) from an HF model dir. params: pure dict of numpy arrays, each in its
-    stored dtype unless ``dtype`` (float32, bfloat16, float16) says otherwise."""
+    """(config, params) from an HF model dir. params: pure dict of numpy arrays in the per-layer
+    layout, each in its stored dtype unless ``dtype`` (float32, bfloat16, float16) says otherwise."""
     hf = read_hf_config(src)
     config = config or config_from_hf(hf)
-    flat = {}
-    for group in converted_groups(src, config, FAMILIES[hf["model_type"]], log, dtype):
-        flat.update(group)
-    return config, unflatten(flat)
+    flat = dict(converted_tensors(src, config, FAMILIES[hf["model_type"]], log, dtype))
+    return config, memory_keys(unflatten(flat))
 
 
 def convert(src, dst, *, overwrite: bool = False, dtype: str | None = None, log=None) -> Path:
@@ -94,10 +93,17 @@ def convert(src, dst, *, overwrite: bool = False, dtype: str | None = None, log=
     config = config_from_hf(hf)
     # Refuse a non-empty DST before the (long) read.
     with atomic_dir(dst, overwrite) as tmp:
-        # Stream: one group of tensors in memory at a time (peak ~ one copy of the largest matrix).
+        # Stream: tensors go to orbax (partial saves) in batches of about 64 MB, one layer's
+        # tensor at a time, so memory does not grow with the number of layers.
         writer = StreamingParamWriter(tmp / "params")
-        for group in converted_groups(src, config, FAMILIES[hf["model_type"]], log, dtype):
-            writer.write(unflatten(group))
+        batch, size = {}, 0
+        for path, array in converted_tensors(src, config, FAMILIES[hf["model_type"]], log, dtype):
+            batch[path], size = array, size + array.nbytes
+            if size >= _BATCH_BYTES:
+                writer.write(unflatten(batch))
+                batch, size = {}, 0
+        if batch:
+            writer.write(unflatten(batch))
         writer.finalize()
         write_config(tmp, config)
         copied = copy_tokenizer_files(src, tmp)

@@ -1,26 +1,23 @@
 """Hugging Face weight files both ways, one tensor group at a time.
 
-Reading: a family module supplies rules (``common.Rule``); ``converted_groups`` matches every
+Reading: a family module supplies rules (``common.Rule``); ``converted_tensors`` matches every
 tensor in the files to a rule before reading any, so a missing, surplus-layer or mis-shaped tensor
-is named up front, then yields the converted tensors rule by rule in their stored dtype.
-Writing: ``hf_tensors`` runs the rules backwards and ``ShardedWriter`` writes safetensors shards
-of at most ``max_shard_size`` bytes with the index transformers reads.
+is named up front, then yields the parameters one layer's tensor at a time in their stored dtype.
+Writing: ``export_plan`` runs the rules backwards and ``write_safetensors`` writes shards of at
+most ``max_shard_size`` bytes, and the index transformers reads, computing one tensor at a time.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 from safetensors import safe_open
-from safetensors.numpy import save_file
 
 from jaxlm.config import ModelConfig
 from jaxlm.io.hf.common import BUFFERS
-from jaxlm.transformer import abstract_params
 
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
 
@@ -105,16 +102,16 @@ def unflatten(flat):
     return tree
 
 
-def converted_groups(src, config: ModelConfig, family, log=None, dtype: str | None = None):
-    """Yield flat {jaxlm name: array} dicts, one per rule, each complete over all layers.
+def converted_tensors(src, config: ModelConfig, family, log=None, dtype: str | None = None):
+    """Yield (jaxlm parameter path, array) for every parameter of the model, one layer's tensor at
+    a time: "layers.blocks.<i>. ..." for the blocks (the per-layer layout), in the stored dtype
+    unless ``dtype`` (float32, bfloat16, float16) says otherwise.
 
     ``family``: the module of the checkpoint's model_type (``rules``, ``PREFIX``, ``SKIP``).
-    ``dtype``: the parameters' dtype; None keeps each tensor's stored dtype.
-    Only one group (e.g. the q/k/v kernels of every layer) is in memory at a time.
+    Every tensor is matched to its rule, and every parameter to its tensors, before any is read.
     """
     rules = family.rules(config)
     patterns = [r.pattern() for r in rules]
-    expected = flatten(abstract_params(config))
     weights = HFWeights(src)
 
     # Match every tensor name to its rule first, so a missing weight fails before any reading.
@@ -134,52 +131,58 @@ def converted_groups(src, config: ModelConfig, family, log=None, dtype: str | No
         else:
             if not (BUFFERS.search(key) or family.SKIP.search(key)):
                 ignored.append(name)
-    covered = {}
-    for i, items in matched.items():
-        for target, _ in rules[i].targets:
-            covered.setdefault(target, set()).update(layer for _, layer in items)
-    missing = [t for t in expected
-               if covered.get(t) != (set(range(config.n_layers)) if t.startswith("layers.") else {None})]
+    missing = []  # HF tensors a parameter needs that no file holds, named as the family names them
+    for i, rule in enumerate(rules):
+        if rule.targets:
+            have = {layer for _, layer in matched.get(i, [])}
+            missing += [rule.name.format(layer) for layer in (range(config.n_layers) if rule.layered else [None])
+                        if layer not in have]
     if missing:
-        raise ValueError(f"{src}: checkpoint lacks weights for {', '.join(missing[:5])}"
+        raise ValueError(f"{src}: checkpoint lacks {', '.join(missing[:5])}"
                          + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
     if ignored and log is not None:
         log(f"ignored {len(ignored)} tensors jaxlm does not use: {', '.join(ignored[:5])}")
 
     for i, items in sorted(matched.items()):
         rule = rules[i]
-        out = {}
-        for name, layer in items:
+        for name, layer in sorted(items, key=lambda item: (item[1] is not None, item[1] or 0)):
             w = weights.get(name)
             if tuple(w.shape) != tuple(rule.shape):
                 raise ValueError(f"weight {name} has shape {tuple(w.shape)}, but the config implies {tuple(rule.shape)}")
             if dtype is not None:
                 w = w.astype(DTYPES[dtype])
             for target, fn in rule.targets:
-                value = fn(w)
-                if target not in out:
-                    out[target] = np.empty(expected[target].shape, value.dtype)
-                out[target][... if layer is None else layer] = value
-        if out:
-            yield out
+                yield layer_path(target, layer), fn(w)
 
 
-def hf_tensors(config: ModelConfig, family, read, *, bare: bool, dtype: str | None = None):
-    """Yield (HF name, array) for every tensor of the model, rule by rule: ``read(path)`` gives a
-    jaxlm parameter (stacked layout) as a numpy array; ``bare``: the architecture without a head
-    module (its body tensors carry no prefix); ``dtype`` casts, None keeps each parameter's."""
+def layer_path(path: str, layer: int | None) -> str:
+    """A block parameter's path in the per-layer layout ("layers.blocks.attn.q.kernel", 3 ->
+    "layers.blocks.3.attn.q.kernel"); other paths as they are."""
+    if layer is None:
+        return path
+    return path.replace("layers.blocks.", f"layers.blocks.{layer}.", 1)
+
+
+def export_plan(config: ModelConfig, family, read, dtype_of, *, bare: bool, dtype: str | None = None):
+    """[(HF name, shape, dtype, make)] for every tensor of the model, in rule order: ``make()``
+    computes the array. ``read(path)`` gives a parameter in the per-layer layout (see
+    ``layer_path``) as a numpy array, ``dtype_of(path)`` its dtype without reading it; ``bare``:
+    the architecture without a head module (its body tensors carry no prefix); ``dtype`` casts.
+    """
+    plan = []
     for rule in family.rules(config):
         if rule.to_hf is None:
             continue
-        values = [read(path) for path, _ in rule.targets]
         prefix = "" if bare or rule.head else family.PREFIX
         for layer in range(config.n_layers) if rule.layered else [None]:
-            pieces = values if layer is None else [v[layer] for v in values]
-            w = np.ascontiguousarray(rule.to_hf(*pieces))
-            if dtype is not None:
-                w = w.astype(DTYPES[dtype])
-            yield prefix + rule.name.format(layer), w
-        del values
+            paths = [layer_path(path, layer) for path, _ in rule.targets]
+            out = DTYPES[dtype] if dtype is not None else np.dtype(dtype_of(paths[0]))
+
+            def make(paths=paths, rule=rule, out=out):
+                return np.ascontiguousarray(rule.to_hf(*[np.asarray(read(p)) for p in paths])).astype(out, copy=False)
+
+            plan.append((prefix + rule.name.format(layer), tuple(rule.shape), out, make))
+    return plan
 
 
 def parse_size(text) -> int:
@@ -200,40 +203,51 @@ def parse_size(text) -> int:
     return int(size)
 
 
-class ShardedWriter:
-    """Safetensors shards of at most ``max_bytes`` each (a larger tensor gets a shard of its own),
-    written as tensors arrive; ``close`` names them as transformers does and writes the index."""
+_ST_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "int8": "I8", "int32": "I32", "int64": "I64"}
 
-    def __init__(self, directory: Path, max_bytes: int):
-        self.directory, self.max_bytes = Path(directory), max_bytes
-        self.shards: list[list[str]] = []
-        self.pending: dict[str, np.ndarray] = {}
-        self.pending_bytes = self.total = 0
 
-    def add(self, name: str, array: np.ndarray) -> None:
-        if self.pending and self.pending_bytes + array.nbytes > self.max_bytes:
-            self._flush()
-        self.pending[name] = array
-        self.pending_bytes += array.nbytes
-        self.total += array.nbytes
+def write_safetensors(directory, plan, max_bytes: int) -> list[str]:
+    """Write ``plan`` (``export_plan``) as safetensors files of at most ``max_bytes`` of tensor data
+    each (a larger tensor gets a file of its own), named and indexed as transformers does; returns
+    the file names.
 
-    def _flush(self) -> None:
-        save_file(self.pending, str(self.directory / f".shard-{len(self.shards)}.safetensors"), metadata={"format": "pt"})
-        self.shards.append(list(self.pending))
-        self.pending, self.pending_bytes = {}, 0
-
-    def close(self) -> list[str]:
-        """Finish; returns the file names written."""
-        if self.pending or not self.shards:
-            self._flush()
-        n = len(self.shards)
-        if n == 1:
-            os.replace(self.directory / ".shard-0.safetensors", self.directory / "model.safetensors")
-            return ["model.safetensors"]
-        names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        for i, name in enumerate(names):
-            os.replace(self.directory / f".shard-{i}.safetensors", self.directory / name)
-        weight_map = {t: names[i] for i, shard in enumerate(self.shards) for t in shard}
-        (self.directory / "model.safetensors.index.json").write_text(json.dumps(
-            {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n")
-        return [*names, "model.safetensors.index.json"]
+    Written by hand (the format is an 8-byte header length, a JSON header of names, dtypes, shapes
+    and byte offsets, then the bytes), because safetensors' own writer takes a whole dict of
+    arrays at once: here every header is known from the plan before any tensor is computed, so
+    one tensor at a time is in memory, whatever the model's size.
+    """
+    directory = Path(directory)
+    shards: list[list] = []
+    size = 0
+    for entry in plan:
+        nbytes = int(np.prod(entry[1], dtype=np.int64)) * entry[2].itemsize
+        if not shards or (size and size + nbytes > max_bytes):
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += nbytes
+    n = len(shards)
+    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    total = 0
+    for fname, shard in zip(names, shards):
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for name, shape, dt, _ in shard:
+            nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+            header[name] = {"dtype": _ST_DTYPES[dt.name], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+        with open(directory / fname, "wb") as f:
+            f.write(len(text).to_bytes(8, "little") + text)
+            for name, shape, dt, make in shard:
+                array = make()
+                if array.shape != tuple(shape) or array.dtype != dt:
+                    raise RuntimeError(f"{name}: made {array.dtype}{array.shape}, planned {dt}{tuple(shape)}")
+                f.write(array.tobytes())
+        total += offset
+    if n > 1:
+        weight_map = {entry[0]: fname for fname, shard in zip(names, shards) for entry in shard}
+        (directory / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n")
+        names.append("model.safetensors.index.json")
+    return names

@@ -68,6 +68,15 @@ def dot_product_attention(q, k, v, mask, *, impl: str = "xla", dropout_rate: flo
         q, k, v, mask=mask, scale=scale, implementation="cudnn" if impl == "cudnn" else None)
 
 
+def write_cache(cache, x, index):
+    """``x`` [B, T, K, Dh] written into ``cache`` [B, S, K, Dh] at slot ``index``: one int for every
+    row, or an int per row ([B]: rows at different lengths, as in a serving batch)."""
+    x = x.astype(cache.dtype)
+    if jnp.ndim(index) == 0:
+        return jax.lax.dynamic_update_slice(cache, x, (0, index, 0, 0))
+    return jax.vmap(lambda c, r, i: jax.lax.dynamic_update_slice(c, r, (i, 0, 0)))(cache, x, index)
+
+
 class Attention(nnx.Module):
     """Multi-head attention with grouped-query heads (K <= H), optional rotary positions (with
     long-context rescaling), per-head q / k norms, a custom score scale and score soft-capping."""
@@ -97,7 +106,7 @@ class Attention(nnx.Module):
         """x: [B, T, D]; mask: [B, 1, T, S]; positions: [B, T].
 
         With ``kv_cache`` (this layer's (k, v), each [B, S, K, Dh]) the new keys/values are written
-        at ``cache_index`` and attention runs over the whole cache. Returns (y [B, T, D], kv_cache)
+        at ``cache_index`` (an int, or one per row) and attention runs over the whole cache. Returns (y [B, T, D], kv_cache)
         with the updated cache (None without one). Writing before reading lets XLA update the
         buffer in place. ``need_probs``: also return the attention probabilities [B, H, T, S]
         (computed by the einsum path).
@@ -110,9 +119,7 @@ class Attention(nnx.Module):
             q = apply_rope(q, positions, inv)
             k = apply_rope(k, positions, inv)
         if kv_cache is not None:
-            k_cache, v_cache = kv_cache
-            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, cache_index, 0, 0))
-            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, cache_index, 0, 0))
+            k, v = write_cache(kv_cache[0], k, cache_index), write_cache(kv_cache[1], v, cache_index)
             kv_cache = (k, v)
         k_attn, k_drop = (None, None) if key is None else jax.random.split(key)
         if need_probs:

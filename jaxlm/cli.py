@@ -87,6 +87,41 @@ class _TextStream:
         print(text[len(self.printed):] if text.startswith(self.printed) else "", flush=True)
 
 
+def cmd_serve(args) -> int:
+    import signal
+
+    import uvicorn
+
+    import jaxlm
+    from jaxlm.serve import Engine
+    from jaxlm.serve.app import create_app
+
+    mesh = _mesh_overrides("serve", args.overrides)
+    template = None
+    if args.chat_template is not None:
+        template = Path(args.chat_template).read_text()  # a missing file fails before the model loads
+    for name in ("max_batch", "max_queue", "port"):
+        if getattr(args, name) < (1 if name != "max_queue" else 0):
+            raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= "
+                             f"{1 if name != 'max_queue' else 0}")
+    t0 = time.perf_counter()
+    lm = jaxlm.load(args.model, mesh=mesh)
+    engine = Engine(lm, max_batch=args.max_batch, max_len=args.max_len, max_queue=args.max_queue)
+    engine.warmup()
+    name = args.served_model_name or Path(str(args.model).rstrip("/")).name
+    app = create_app(engine, model_name=name, chat_template=template, drain_timeout=args.drain_timeout)
+    _log(f"serving {name} ({lm.config.name}, {args.max_batch} slots of {engine.max_len} tokens) on "
+         f"http://{args.host}:{args.port} (ready in {time.perf_counter() - t0:.1f}s)")
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                            timeout_graceful_shutdown=args.drain_timeout)
+    # SIGTERM: uvicorn stops accepting and finishes what is in flight, then re-raises the signal to
+    # the handler it found: this one, so the process exits 0 after a clean drain.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    uvicorn.Server(config).run()
+    _log("jaxlm serve: stopped")
+    return 0
+
+
 def cmd_train(args) -> int:
     from jaxlm.config import load_config
     from jaxlm.distributed import initialize
@@ -221,6 +256,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", help="cut the text before this string (repeatable)")
     g.add_argument("--json", action="store_true", help="one JSON object per output: prompt, text, token_ids")
     g.set_defaults(func=cmd_generate)
+
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (continuous batching)",
+                        description="Serve a decoder over OpenAI's API: /v1/models, /v1/completions, "
+                                    "/v1/chat/completions (streaming with stream=true), /health, /metrics.")
+    sv.add_argument("model", metavar="MODEL", help="jaxlm model dir, training workdir, HF model dir or hub id")
+    sv.add_argument("overrides", nargs="*", metavar="mesh.AXIS=N",
+                    help="spread the model over devices, e.g. mesh.tensor=4 (default: one device)")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--max-batch", type=int, default=8, help="requests decoded together (slots; default 8)")
+    sv.add_argument("--max-len", type=int, help="cache positions per slot: prompt + new tokens (default: the "
+                    "model's context, at most 2048)")
+    sv.add_argument("--max-queue", type=int, default=256, help="requests waiting for a slot before new ones get "
+                    "429 (default 256)")
+    sv.add_argument("--chat-template", metavar="FILE", help="Jinja chat template (default: the tokenizer's)")
+    sv.add_argument("--served-model-name", help="the model id clients use (default: MODEL's last path part)")
+    sv.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish requests in flight "
+                    "after SIGTERM (default 30)")
+    sv.set_defaults(func=cmd_serve)
 
     t = sub.add_parser("train", help="train or fine-tune (resumes from the workdir's latest checkpoint)",
                        description="Train a model. With no arguments: the quickstart (a small byte-level "

@@ -77,38 +77,78 @@ def _bisect(pred, shape):
     return jax.lax.fori_loop(0, 32, step, (lo, hi))[0]
 
 
-def filter_logits(logits, s: Sampling):
-    """logits / T with every token outside the top-k / top-p set at -inf. logits: [B, V].
+def filter_logits(logits, temperature, top_k, top_p):
+    """logits / T with every token outside the top-k / top-p set at -inf, per row. logits: [B, V];
+    temperature (> 0), top_k (0: off), top_p (1: off): [B] arrays.
 
     Top-k keeps the k largest; top-p then keeps the tokens whose more likely tokens hold less than
-    top_p of the (top-k renormalised) probability mass. Ties at a threshold are all kept.
+    top_p of the (top-k renormalised) probability mass. Ties at a threshold are all kept. Each
+    filter runs only when some row uses it (``lax.cond``), so greedy-free batches pay nothing.
     """
-    logits = logits.astype(jnp.float32) / s.temperature
+    logits = logits.astype(jnp.float32) / temperature[:, None]
     neg = jnp.float32(-jnp.inf)
     keys = _sortable(logits)
     rows = (logits.shape[0], 1)
-    if s.top_k:
+    k, p = top_k[:, None], top_p[:, None]
+
+    def by_top_k(x):
         # The k-th largest value: the smallest t with fewer than k values above it.
-        kth = _bisect(lambda t: jnp.sum(keys > t, -1, keepdims=True) < s.top_k, rows)
-        logits = jnp.where(keys >= kth, logits, neg)
-    if s.top_p < 1:
-        probs = jax.nn.softmax(logits, axis=-1)
-        cut = _bisect(lambda t: jnp.sum(jnp.where(keys > t, probs, 0.0), -1, keepdims=True) < s.top_p, rows)
-        logits = jnp.where(keys >= cut, logits, neg)
-    return logits
+        kth = _bisect(lambda t: jnp.sum(keys > t, -1, keepdims=True) < k, rows)
+        return jnp.where((k > 0) & (keys < kth), neg, x)
+
+    def by_top_p(x):
+        probs = jax.nn.softmax(x, axis=-1)
+        cut = _bisect(lambda t: jnp.sum(jnp.where(keys > t, probs, 0.0), -1, keepdims=True) < p, rows)
+        return jnp.where((p < 1) & (keys < cut), neg, x)
+
+    logits = jax.lax.cond(jnp.any(top_k > 0), by_top_k, lambda x: x, logits)
+    return jax.lax.cond(jnp.any(top_p < 1), by_top_p, lambda x: x, logits)
 
 
-def sample(logits, keys, s: Sampling):
-    """One token per row. logits: [B, V]; keys: [B] PRNG keys.
+def sample(logits, keys, temperature, top_k, top_p):
+    """One token per row. logits: [B, V]; keys: [B] PRNG keys; temperature (0: greedy), top_k,
+    top_p: [B] arrays, so one compiled program serves any mix of settings.
 
     Inverse-CDF sampling (one uniform per row against the cumulative probabilities): on CPU it
     is ~4x cheaper than Gumbel-max, which draws V random numbers per row.
     """
-    if s.greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    cdf = jnp.cumsum(jax.nn.softmax(filter_logits(logits, s), axis=-1), axis=-1)
-    u = jax.vmap(jax.random.uniform)(keys)[:, None] * cdf[:, -1:]
-    return jnp.minimum(jnp.sum(cdf <= u, axis=-1), logits.shape[-1] - 1).astype(jnp.int32)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def sampled():
+        t = jnp.where(temperature > 0, temperature, 1.0)
+        cdf = jnp.cumsum(jax.nn.softmax(filter_logits(logits, t, top_k, top_p), axis=-1), axis=-1)
+        u = jax.vmap(jax.random.uniform)(keys)[:, None] * cdf[:, -1:]
+        tok = jnp.minimum(jnp.sum(cdf <= u, axis=-1), logits.shape[-1] - 1).astype(jnp.int32)
+        return jnp.where(temperature > 0, tok, greedy)
+
+    return jax.lax.cond(jnp.all(temperature == 0), lambda: greedy, sampled)
+
+
+def sampling_rows(s: Sampling, b: int):
+    """A ``Sampling`` as the per-row arrays ``sample`` takes."""
+    return (jnp.full((b,), s.temperature, jnp.float32), jnp.full((b,), s.top_k, jnp.int32),
+            jnp.full((b,), s.top_p, jnp.float32))
+
+
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
+
+
+def token_logprobs(logits, tokens, want):
+    """(log-probability of each row's token [B], the MAX_TOP_LOGPROBS most likely tokens' ids and
+    log-probabilities [B, MAX_TOP_LOGPROBS]) under the model's distribution (before temperature
+    and filters, as OpenAI reports them); computed only when some row ``want``s them ([B] bool)."""
+    b = logits.shape[0]
+
+    def compute():
+        lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        top_lp, top_ids = jax.lax.top_k(lp, MAX_TOP_LOGPROBS)
+        return jnp.take_along_axis(lp, tokens[:, None], axis=-1)[:, 0], top_ids.astype(jnp.int32), top_lp
+
+    def skip():
+        return (jnp.zeros((b,), jnp.float32), jnp.zeros((b, MAX_TOP_LOGPROBS), jnp.int32),
+                jnp.zeros((b, MAX_TOP_LOGPROBS), jnp.float32))
+
+    return jax.lax.cond(jnp.any(want), compute, skip)
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int):
@@ -137,8 +177,10 @@ def _generate(graphdef, params, prompt, prompt_mask, row_keys, active, *, max_ne
     h, cache = model.decode(prompt, positions, cache, 0, key_valid, prefill=True)
     logits = model.head(h[:, -1:])[:, 0]  # only the last position's logits are needed
 
+    rows = sampling_rows(sampling, b)
+
     def emit(i, logits, done, out):
-        tok = sample(logits, jax.vmap(jax.random.fold_in, (0, None))(row_keys, i), sampling)
+        tok = sample(logits, jax.vmap(jax.random.fold_in, (0, None))(row_keys, i), *rows)
         tok = jnp.where(done, pad_id, tok)
         if stream:
             jax.debug.callback(_stream_callback, i, tok, ordered=True)

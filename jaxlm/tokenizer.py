@@ -18,7 +18,7 @@ from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
 # Files that make up a tokenizer in a Hugging Face (or jaxlm) model directory.
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "vocab.txt",
-                   "tokenizer_config.json", "special_tokens_map.json")
+                   "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
 class Tokenizer(Protocol):
@@ -65,6 +65,8 @@ class ByteTokenizer(_SpecialIds):
     pad_id = 257
     mask_id = 258
     fingerprint = "byte"
+    chat_template = None
+    special_tokens = {"eos_token": "<eos>", "pad_token": "<pad>", "mask_token": "<mask>"}
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         ids = list(text.encode("utf-8"))
@@ -91,6 +93,7 @@ class HFTokenizer(_SpecialIds):
         self.backend = tok  # the tokenizers.Tokenizer
         self._files = files  # original files, written back verbatim by save()
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        self._special = dict(special)
         ids = {k: (tok.token_to_id(v) if v else None) for k, v in special.items()}
         for name in ("bos", "eos", "pad", "mask", "cls", "sep", "unk"):
             setattr(self, f"{name}_id", ids.get(f"{name}_token"))
@@ -102,6 +105,24 @@ class HFTokenizer(_SpecialIds):
         for name in sorted(self._files):
             h.update(name.encode() + self._files[name])
         return "hf" + h.hexdigest()[:12]
+
+    @property
+    def chat_template(self) -> str | None:
+        """The Jinja chat template saved with the tokenizer (``chat_template.jinja``, or
+        ``tokenizer_config.json``'s ``chat_template``: a string, or a list of named templates of
+        which "default" is used), or None."""
+        if "chat_template.jinja" in self._files:
+            return self._files["chat_template.jinja"].decode("utf-8")
+        t = json.loads(self._files.get("tokenizer_config.json", b"{}")).get("chat_template")
+        if isinstance(t, list):
+            t = next((x.get("template") for x in t if x.get("name") == "default"), None)
+        return t if isinstance(t, str) and t else None
+
+    @property
+    def special_tokens(self) -> dict[str, str]:
+        """{"bos_token": "<s>", "eos_token": ...}: the special tokens' strings (a chat template's
+        variables)."""
+        return {k: v for k, v in self._special.items() if v}
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids, with the model's special tokens (e.g. BERT's [CLS] ... [SEP]) by default."""

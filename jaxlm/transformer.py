@@ -316,7 +316,8 @@ class Decoder(Transformer):
     def decode(self, input_ids, positions, cache, cache_index, key_valid, *, prefill: bool = False):
         """One prefill or decode step over the KV cache.
 
-        input_ids, positions: [B, T], written to cache slots cache_index .. cache_index + T - 1;
+        input_ids, positions: [B, T], written to cache slots cache_index .. cache_index + T - 1
+        (``cache_index``: an int, or one per row [B] when rows sit at different lengths);
         cache: {"k", "v": [L, B, S, K, Dh]}; key_valid: [B, S] (False for padding slots).
         ``prefill`` with a soft prompt: the prompt goes first (slots 0..P-1, cache_index 0) and
         positions count from P. Returns (final hidden states [B, T, D], updated cache); ``head``
@@ -327,7 +328,7 @@ class Decoder(Transformer):
         if p:
             x, _, positions = self.with_prompt(x, jnp.ones(input_ids.shape, bool), positions)
         b, t = x.shape[:2]
-        slots = jnp.broadcast_to(cache_index + jnp.arange(t), (b, t))
+        slots = jnp.broadcast_to(jnp.reshape(cache_index, (-1, 1)) + jnp.arange(t), (b, t))
         x, cache = self.layers(x, self.masks(key_valid, slots), positions, cache=cache, cache_index=cache_index)
         x = x[:, p:]
         return (self.final_norm(x) if self.final_norm is not None else x), cache

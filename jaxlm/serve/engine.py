@@ -1,0 +1,469 @@
+"""Continuous batching: a fixed set of slots, each a row of one preallocated KV cache, advanced
+together by one jitted decode step; requests join and leave between steps.
+
+A request is prefilled alone (its prompt right-padded to a power-of-two bucket, so each bucket
+compiles once), its cache rows are copied into free slots (one per choice, ``n``) and its first
+tokens sampled; from then on every step feeds each active slot its last token at that slot's own
+cache index. Sampling settings (temperature, top-k, top-p, PRNG key) are per-row arrays of the
+decode state, never static arguments: any mix of requests runs the same compiled program. A slot
+is freed the moment its row ends (EOS, a stop string, ``max_tokens``) or its request is cancelled.
+
+Choice j of a request with seed s samples token i with ``fold_in(fold_in(key(s), j), i)``, the key
+``LM.generate`` gives row j of one prompt, so a request's tokens do not depend on what else runs
+beside it and equal ``lm.generate([prompt], ..., seed=s, num_return_sequences=n)``.
+
+Use it without HTTP::
+
+    engine = Engine(lm, max_batch=8).start()
+    request = engine.submit(lm.tokenizer.encode("def f("), max_tokens=32, temperature=0.7, seed=1)
+    for event in request.events():      # or request.result()
+        print(event.text, end="")
+    engine.stop()
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import queue
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxlm.generate import MAX_TOP_LOGPROBS, Sampling, bucket, init_cache, sample, token_logprobs
+
+
+class QueueFull(RuntimeError):
+    """More requests are waiting than ``max_queue`` allows: try again later."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """One step of one choice: a new token (``token``, its ``logprob`` and ``top_logprobs`` when
+    asked for) and the text it adds, or the end (``finish_reason``: "stop", "length",
+    "cancelled"; ``text`` then holds whatever was still held back)."""
+
+    choice: int
+    token: int | None = None
+    text: str = ""
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] | None = None
+    finish_reason: str | None = None
+
+
+class Choice:
+    """One sequence of a request: its token ids, text, log-probabilities and how it ended."""
+
+    def __init__(self, request: Request, index: int):
+        self.request, self.index = request, index
+        self.slot: int | None = None
+        self.token_ids: list[int] = []
+        self.logprobs: list[float] = []
+        self.top_logprobs: list[tuple[tuple[int, float], ...]] = []
+        self.text = ""
+        self.sent = 0  # characters of text already handed out in events
+        self.finish_reason: str | None = None
+        self.last_time: float | None = None
+
+
+class Request:
+    """A submitted request. Consume it with ``events()`` (a blocking iterator) or ``result()``,
+    unless it was submitted with ``on_event`` (called from the engine's thread for each event)."""
+
+    def __init__(self, ids, *, max_tokens: int, sampling: Sampling, seed: int, n: int, stop: tuple[str, ...],
+                 logprobs: int | None, on_event=None):
+        self.ids, self.max_tokens, self.sampling, self.seed, self.n = list(ids), max_tokens, sampling, seed, n
+        self.stop, self.logprobs = stop, logprobs
+        self.choices = [Choice(self, j) for j in range(n)]
+        self.submitted = time.perf_counter()
+        self.first_token_time: float | None = None
+        self.cancelled = False
+        self._queue = queue.SimpleQueue() if on_event is None else None
+        self._on_event = on_event or self._queue.put
+        self._done = threading.Event()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def cancel(self) -> None:
+        """Stop generating (e.g. the client went away): its slots are freed before the next step."""
+        self.cancelled = True
+
+    def events(self):
+        """Every event until each choice has finished (needs a request submitted without on_event)."""
+        left = self.n
+        while left:
+            event = self._queue.get()
+            yield event
+            left -= event.finish_reason is not None
+
+    def result(self, timeout: float | None = None) -> list[Choice]:
+        """The finished choices (blocks until the request is done)."""
+        if self._queue is not None:
+            for _ in self.events():
+                pass
+        elif not self._done.wait(timeout):
+            raise TimeoutError("the request did not finish in time")
+        return self.choices
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _prefill(graphdef, params, ids, length):
+    """ids [1, P] right-padded, ``length`` real tokens -> (the prompt's cache rows, in init_cache's
+    layout with P (+ soft prompt) slots, and the next-token logits [1, V] after the last real one)."""
+    model = nnx.merge(graphdef, params)
+    cfg = model.config
+    soft, p = cfg.prompt_length, ids.shape[1]
+    cache = init_cache(cfg, 1, soft + p)
+    key_valid = (jnp.arange(soft + p) < soft + length)[None]
+    h, cache = model.decode(ids, jnp.arange(p)[None] + soft, cache, 0, key_valid, prefill=True)
+    last = jax.lax.dynamic_slice_in_dim(h, length - 1, 1, axis=1)
+    return cache, model.head(last)[:, 0]
+
+
+def _put_rows(full, rows, slot):
+    """Copy one request's cache rows into slot ``slot`` of the decode cache (either layout)."""
+    def put(f, r):
+        start = (0, slot, 0, 0, 0) if f.ndim == 5 else (slot, 0, 0, 0)
+        return jax.lax.dynamic_update_slice(f, r.astype(f.dtype), start)
+    return jax.tree.map(put, full, rows)
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _insert(state, rows, logits, slot, length, temperature, top_k, top_p, key, want):
+    """Start choice rows in ``slot``: copy the prompt's cache, sample its first token (index 0)."""
+    t, k, p = temperature[None], top_k[None], top_p[None]
+    tok = sample(logits, jax.random.fold_in(key, 0)[None], t, k, p)
+    lp = token_logprobs(logits, tok, want[None])
+    at = lambda a, v: a.at[slot].set(v)  # noqa: E731
+    state = dict(state, cache=_put_rows(state["cache"], rows, slot), length=at(state["length"], length),
+                 token=at(state["token"], tok[0]), step=at(state["step"], 1),
+                 temperature=at(state["temperature"], temperature), top_k=at(state["top_k"], top_k),
+                 top_p=at(state["top_p"], top_p), key=at(state["key"], key), want=at(state["want"], want))
+    return state, (tok, *lp)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnums=(2,))
+def _step(graphdef, params, state, active):
+    """One token for every slot: each row's last token at its own cache index (inactive rows run
+    too, on whatever their slot holds, and are ignored)."""
+    model = nnx.merge(graphdef, params)
+    length = state["length"]
+    s = jax.tree.leaves(state["cache"])[0].shape[-3]
+    key_valid = jnp.arange(s)[None] <= length[:, None]
+    h, cache = model.decode(state["token"][:, None], length[:, None], state["cache"], length, key_valid)
+    logits = model.head(h)[:, 0]
+    keys = jax.vmap(jax.random.fold_in)(state["key"], state["step"])
+    tok = sample(logits, keys, state["temperature"], state["top_k"], state["top_p"])
+    lp = token_logprobs(logits, tok, state["want"] & active)
+    state = dict(state, cache=cache, token=tok, length=length + active, step=state["step"] + active)
+    return state, (tok, *lp)
+
+
+class Engine:
+    """Continuous-batching generation over ``lm`` (a decoder ``jaxlm.LM``).
+
+    ``max_batch`` slots of ``max_len`` cache positions each (default: the model's context, at
+    most 2048); ``max_queue`` requests may wait for a slot (more: ``QueueFull``);
+    ``prefill_tokens`` bounds the prompt tokens prefilled between two decode steps (at least one
+    request), trading time-to-first-token against the other rows' inter-token latency.
+    ``metrics``: an object with ``first_token(seconds)`` and ``token_gap(seconds)`` methods (each
+    called once per generated token), or None.
+    """
+
+    def __init__(self, lm, *, max_batch: int = 8, max_len: int | None = None, max_queue: int = 256,
+                 prefill_tokens: int = 2048, metrics=None):
+        cfg = lm.config
+        if not cfg.causal or cfg.head != "lm":
+            raise ValueError(f"serving needs a decoder with a language-model head; {cfg.name!r} is an "
+                             f"{cfg.arch} with head {cfg.head!r}")
+        if max_batch < 1:
+            raise ValueError(f"max_batch={max_batch} must be >= 1")
+        if max_queue < 0:
+            raise ValueError(f"max_queue={max_queue} must be >= 0")
+        self.lm, self.max_batch, self.max_queue, self.prefill_tokens = lm, max_batch, max_queue, prefill_tokens
+        self.max_len = min(cfg.context, max_len or min(cfg.context, 2048))
+        if self.max_len <= cfg.prompt_length + 1:
+            raise ValueError(f"max_len={max_len} leaves no room for a prompt (the soft prompt takes "
+                             f"{cfg.prompt_length} positions)")
+        tok = lm.tokenizer
+        self.eos_id = cfg.eos_token_id if cfg.eos_token_id is not None else (tok.eos_id if tok is not None else None)
+        self.pad_id = next(i for i in (cfg.pad_token_id, self.eos_id, 0) if i is not None and 0 <= i < cfg.vocab_size)
+        self.metrics = metrics
+        self._pending: collections.deque[Request] = collections.deque()
+        self._slots: list[Choice | None] = [None] * max_batch
+        self._cv = threading.Condition()
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+        with lm._on_mesh():
+            self._state = self._init_state()
+
+    # -- public surface -------------------------------------------------------------------------
+
+    @property
+    def max_prompt(self) -> int:
+        """The longest prompt (tokens) a request may have, leaving room for one new token."""
+        return self.max_len - self.lm.config.prompt_length - 1
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._pending)
+
+    @property
+    def slots_in_use(self) -> int:
+        return sum(c is not None for c in self._slots)
+
+    def check(self, n_prompt: int, max_tokens: int, sampling: Sampling, n: int = 1) -> None:
+        """One ValueError naming the bad setting, before anything is queued."""
+        if n_prompt < 1:
+            raise ValueError("the prompt is empty: give at least one token")
+        if n_prompt > self.max_prompt:
+            raise ValueError(f"the prompt has {n_prompt} tokens; this server takes at most {self.max_prompt} "
+                             f"(--max-len {self.max_len})")
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens={max_tokens} must be >= 1")
+        room = self.max_len - self.lm.config.prompt_length - n_prompt
+        if max_tokens > room:
+            raise ValueError(f"max_tokens={max_tokens} does not fit: the prompt's {n_prompt} tokens leave room for "
+                             f"{room} new ones (--max-len {self.max_len})")
+        if not 1 <= n <= self.max_batch:
+            raise ValueError(f"n={n} must be in [1, {self.max_batch}] (the server's --max-batch)")
+        sampling.check(self.lm.config.vocab_size)
+
+    def submit(self, ids, *, max_tokens: int = 16, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+               seed: int | None = None, n: int = 1, stop=(), logprobs: int | None = None, on_event=None) -> Request:
+        """Queue a prompt (token ids). ``seed`` None draws one; ``stop``: strings that end a choice
+        (needs a tokenizer); ``logprobs``: None, or how many top alternatives to report per
+        token (0 .. 20). Raises ValueError for bad settings, QueueFull when the queue is full."""
+        sampling = Sampling(float(temperature), int(top_k), float(top_p))
+        ids = [int(i) for i in ids]
+        self.check(len(ids), max_tokens, sampling, n)
+        v = self.lm.config.vocab_size
+        if any(not 0 <= i < v for i in ids):
+            raise ValueError(f"prompt token ids must be in [0, {v})")
+        stop = (stop,) if isinstance(stop, str) else tuple(s for s in stop if s)
+        if stop and self.lm.tokenizer is None:
+            raise ValueError("stop strings need a model with a tokenizer")
+        if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"logprobs={logprobs} must be in [0, {MAX_TOP_LOGPROBS}]")
+        if seed is None:
+            seed = int.from_bytes(np.random.default_rng().bytes(4), "little")
+        request = Request(ids, max_tokens=max_tokens, sampling=sampling, seed=int(seed), n=n, stop=stop,
+                          logprobs=logprobs, on_event=on_event)
+        with self._cv:
+            if self._closing:
+                raise QueueFull("the server is shutting down")
+            if len(self._pending) >= self.max_queue:
+                raise QueueFull(f"{len(self._pending)} requests are already waiting (--max-queue {self.max_queue})")
+            self._pending.append(request)
+            self._cv.notify()
+        return request
+
+    def start(self) -> Engine:
+        """Run the scheduling loop in a background thread."""
+        self._thread = threading.Thread(target=self._run, name="jaxlm-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Take no new requests, finish the queued and running ones (up to ``timeout`` seconds,
+        then cancel what is left) and stop the loop."""
+        with self._cv:
+            self._closing = True
+            self._cv.notify()
+        if self._thread is None:
+            return
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            with self._cv:
+                for r in list(self._pending) + [c.request for c in self._slots if c is not None]:
+                    r.cancel()
+                self._cv.notify()
+            self._thread.join()
+
+    def warmup(self) -> None:
+        """Compile every program requests will need (each prompt bucket's prefill and insert, the
+        decode step) so the first requests do not wait for the compiler."""
+        with self.lm._on_mesh():
+            for p in self._buckets():
+                self._prefill_into(np.zeros(p, np.int32), 0, Sampling(), jax.random.key(0), False)
+            self._state, _ = _step(self.lm.graphdef, self.lm.params, self._state, jnp.zeros(self.max_batch, bool))
+
+    def compiled_programs(self) -> int:
+        """Programs compiled so far by the engine's jitted functions (prefill, insert, step)."""
+        return _prefill._cache_size() + _insert._cache_size() + _step._cache_size()
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def _init_state(self):
+        b, cfg = self.max_batch, self.lm.config
+        return {"cache": init_cache(cfg, b, self.max_len), "length": jnp.zeros(b, jnp.int32),
+                "token": jnp.full(b, self.pad_id, jnp.int32), "step": jnp.zeros(b, jnp.int32),
+                "temperature": jnp.zeros(b, jnp.float32), "top_k": jnp.zeros(b, jnp.int32),
+                "top_p": jnp.ones(b, jnp.float32), "key": jax.random.split(jax.random.key(0), b),
+                "want": jnp.zeros(b, bool)}
+
+    def _buckets(self) -> list[int]:
+        longest, out, p = self.max_prompt, [], 16
+        while True:
+            out.append(min(p, self.max_len - self.lm.config.prompt_length))
+            if p >= longest:
+                return out
+            p *= 2
+
+    def _run(self) -> None:
+        try:
+            with self.lm._on_mesh():
+                while True:
+                    with self._cv:
+                        while not self._pending and not self.slots_in_use and not self._closing:
+                            self._cv.wait()
+                        if self._closing and not self._pending and not self.slots_in_use:
+                            return
+                    self._drop_cancelled()
+                    self._admit()
+                    if self.slots_in_use:
+                        self._decode()
+        except BaseException as e:  # a failed step must not leave clients waiting forever
+            self.error = e
+            with self._cv:
+                requests = list(self._pending) + [c.request for c in self._slots if c is not None]
+                self._pending.clear()
+            for r in {id(r): r for r in requests}.values():
+                for c in r.choices:
+                    if c.finish_reason is None:
+                        self._finish(c, "error")
+            raise
+
+    def _drop_cancelled(self) -> None:
+        with self._cv:
+            gone = [r for r in self._pending if r.cancelled]
+            for r in gone:
+                self._pending.remove(r)
+        for r in gone:
+            for c in r.choices:
+                self._finish(c, "cancelled")
+        for c in self._slots:
+            if c is not None and c.request.cancelled:
+                self._finish(c, "cancelled")
+
+    def _admit(self) -> None:
+        budget = self.prefill_tokens
+        while True:
+            free = [i for i, c in enumerate(self._slots) if c is None]
+            with self._cv:
+                if not self._pending or len(free) < self._pending[0].n or budget <= 0:
+                    return
+                request = self._pending.popleft()
+            budget -= len(request.ids)
+            self._start(request, free)
+
+    def _start(self, request: Request, free: list[int]) -> None:
+        """Prefill ``request`` once and start each of its choices in a free slot."""
+        p = next(b for b in self._buckets() if b >= len(request.ids))
+        ids = np.full(p, self.pad_id, np.int32)
+        ids[:len(request.ids)] = request.ids
+        root = jax.random.key(request.seed)
+        rows = logits = None
+        for choice, slot in zip(request.choices, free):
+            key = jax.random.fold_in(root, choice.index)
+            if rows is None:
+                rows, logits = _prefill(self.lm.graphdef, self.lm.params, jnp.asarray(ids)[None], len(request.ids))
+            out = self._insert(rows, logits, slot, len(request.ids), request.sampling, key, request.logprobs is not None)
+            choice.slot = slot
+            self._slots[slot] = choice
+            self._emit(choice, *out)
+
+    def _prefill_into(self, ids, n_prompt, sampling, key, want):
+        rows, logits = _prefill(self.lm.graphdef, self.lm.params, jnp.asarray(ids)[None], max(n_prompt, 1))
+        return self._insert(rows, logits, 0, n_prompt, sampling, key, want)
+
+    def _insert(self, rows, logits, slot, n_prompt, sampling, key, want):
+        cfg = self.lm.config
+        self._state, out = _insert(self._state, rows, logits, jnp.int32(slot), jnp.int32(cfg.prompt_length + n_prompt),
+                                   jnp.float32(sampling.temperature), jnp.int32(sampling.top_k),
+                                   jnp.float32(sampling.top_p), key, jnp.asarray(want))
+        tok, lp, top_ids, top_lp = (np.asarray(x) for x in out)
+        return int(tok[0]), float(lp[0]), top_ids[0], top_lp[0]
+
+    def _decode(self) -> None:
+        active = np.array([c is not None for c in self._slots])
+        self._state, out = _step(self.lm.graphdef, self.lm.params, self._state, jnp.asarray(active))
+        tok, lp, top_ids, top_lp = (np.asarray(x) for x in out)
+        for slot, choice in enumerate(self._slots):
+            if choice is not None:
+                self._emit(choice, int(tok[slot]), float(lp[slot]), top_ids[slot], top_lp[slot])
+
+    # -- per-token bookkeeping --------------------------------------------------------------------
+
+    def _emit(self, choice: Choice, tok: int, lp: float, top_ids, top_lp) -> None:
+        """Record one new token of ``choice``; end it at EOS, a stop string or max_tokens."""
+        request, now = choice.request, time.perf_counter()
+        if self.metrics is not None:
+            if choice.last_time is None:
+                self.metrics.first_token(now - request.submitted)
+            else:
+                self.metrics.token_gap(now - choice.last_time)
+        if request.first_token_time is None:
+            request.first_token_time = now
+        choice.last_time = now
+        if tok == self.eos_id:
+            return self._finish(choice, "stop")
+        choice.token_ids.append(tok)
+        top = None
+        if request.logprobs is not None:
+            choice.logprobs.append(lp)
+            top = tuple((int(i), float(x)) for i, x in zip(top_ids[:request.logprobs], top_lp[:request.logprobs]))
+            choice.top_logprobs.append(top)
+        text, stopped = self._text(choice)
+        held = text if stopped else _hold_back(text, request.stop)
+        delta = held[choice.sent:] if held.startswith(choice.text[:choice.sent]) else ""
+        choice.text = text
+        choice.sent += len(delta)
+        request._on_event(Event(choice.index, tok, delta, lp if top is not None else None, top))
+        if stopped:
+            self._finish(choice, "stop")
+        elif len(choice.token_ids) >= request.max_tokens:
+            self._finish(choice, "length")
+
+    def _text(self, choice: Choice) -> tuple[str, bool]:
+        """(text so far, cut before the first stop string; whether a stop string was found)."""
+        tok = self.lm.tokenizer
+        if tok is None:
+            return "", False
+        text = tok.decode(choice.token_ids)
+        cuts = [text.index(s) for s in choice.request.stop if s in text]
+        return (text[:min(cuts)], True) if cuts else (text, False)
+
+    def _finish(self, choice: Choice, reason: str) -> None:
+        if choice.finish_reason is not None:
+            return
+        choice.finish_reason = reason
+        if choice.slot is not None and self._slots[choice.slot] is choice:
+            self._slots[choice.slot] = None
+        request = choice.request
+        rest = choice.text[choice.sent:] if reason in ("stop", "length") else ""
+        choice.sent += len(rest)
+        request._on_event(Event(choice.index, text=rest, finish_reason=reason))
+        if all(c.finish_reason is not None for c in request.choices):
+            request._done.set()
+
+
+def _hold_back(text: str, stops: tuple[str, ...]) -> str:
+    """``text`` without what may still change: a trailing incomplete character (decoded as
+    U+FFFD) and a suffix that could be the start of a stop string."""
+    text = text.rstrip("\ufffd")
+    cut = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), cut, -1):
+            if text.endswith(s[:k]):
+                cut = k
+                break
+    return text[:len(text) - cut]

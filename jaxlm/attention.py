@@ -69,12 +69,32 @@ def dot_product_attention(q, k, v, mask, *, impl: str = "xla", dropout_rate: flo
 
 
 def write_cache(cache, x, index):
-    """``x`` [B, T, K, Dh] written into ``cache`` [B, S, K, Dh] at slot ``index``: one int for every
-    row, or an int per row ([B]: rows at different lengths, as in a serving batch)."""
-    x = x.astype(cache.dtype)
+    """``x`` [B, T, K, Dh] written into ``cache`` [B, K, S, Dh] at slot ``index``: one int for every
+    row, or an int per row ([B]: rows at different lengths, as in a serving batch).
+
+    The cache keeps heads before slots so that decode attention reads it as it lies: with [B, S, K,
+    Dh], XLA transposes (copies) every layer's whole cache on every step to put the batch dims
+    first, which on CPU cost more than the attention itself (batch 32, 384 slots: 3.4x the time).
+    """
+    x = jnp.swapaxes(x, 1, 2).astype(cache.dtype)
     if jnp.ndim(index) == 0:
-        return jax.lax.dynamic_update_slice(cache, x, (0, index, 0, 0))
-    return jax.vmap(lambda c, r, i: jax.lax.dynamic_update_slice(c, r, (i, 0, 0)))(cache, x, index)
+        return jax.lax.dynamic_update_slice(cache, x, (0, 0, index, 0))
+    return jax.vmap(lambda c, r, i: jax.lax.dynamic_update_slice(c, r, (0, i, 0)))(cache, x, index)
+
+
+def cached_attention(q, k, v, mask, *, scale: float | None = None, softcap: float | None = None):
+    """Attention of queries q [B, T, H, Dh] over a cache k, v [B, K, S, Dh] (``write_cache``'s
+    layout, read without a transpose); mask [B, 1, T, S]. Scores and softmax in float32."""
+    b, t, h, dh = q.shape
+    kh = k.shape[1]
+    q = q.reshape(b, t, kh, h // kh, dh)
+    scores = jnp.einsum("btkgd,bksd->bkgts", q, k.astype(q.dtype), preferred_element_type=jnp.float32)
+    scores = scores * (dh ** -0.5 if scale is None else scale)
+    if softcap is not None:
+        scores = softcap * jnp.tanh(scores / softcap)
+    scores = jnp.where(mask.reshape(b, 1, 1, t, -1), scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bksd->btkgd", probs, v).astype(q.dtype).reshape(b, t, h, dh)
 
 
 class Attention(nnx.Module):
@@ -105,7 +125,7 @@ class Attention(nnx.Module):
     def __call__(self, x, mask, positions, *, kv_cache=None, cache_index=None, key=None, need_probs=False):
         """x: [B, T, D]; mask: [B, 1, T, S]; positions: [B, T].
 
-        With ``kv_cache`` (this layer's (k, v), each [B, S, K, Dh]) the new keys/values are written
+        With ``kv_cache`` (this layer's (k, v), each [B, K, S, Dh]) the new keys/values are written
         at ``cache_index`` (an int, or one per row) and attention runs over the whole cache. Returns (y [B, T, D], kv_cache)
         with the updated cache (None without one). Writing before reading lets XLA update the
         buffer in place. ``need_probs``: also return the attention probabilities [B, H, T, S]
@@ -119,8 +139,11 @@ class Attention(nnx.Module):
             q = apply_rope(q, positions, inv)
             k = apply_rope(k, positions, inv)
         if kv_cache is not None:
-            k, v = write_cache(kv_cache[0], k, cache_index), write_cache(kv_cache[1], v, cache_index)
-            kv_cache = (k, v)
+            kv_cache = (write_cache(kv_cache[0], k, cache_index), write_cache(kv_cache[1], v, cache_index))
+            if q.shape[1] == 1 and not need_probs:  # a decode step: read the cache as it lies
+                out = cached_attention(q, *kv_cache, mask, scale=self.scale, softcap=self.softcap)
+                return dropout(self.o(out), self.dropout, None), kv_cache
+            k, v = (jnp.swapaxes(c, 1, 2) for c in kv_cache)  # prefill: [B, S, K, Dh] for flash kernels
         k_attn, k_drop = (None, None) if key is None else jax.random.split(key)
         if need_probs:
             out, probs = einsum_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask,

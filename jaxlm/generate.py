@@ -153,9 +153,10 @@ def token_logprobs(logits, tokens, want):
 
 def init_cache(cfg: ModelConfig, batch: int, length: int):
     """Zeroed KV cache in the compute dtype, in the layout the layer loop wants:
-    {"k", "v": [L, B, S, K, Dh]} with scan_layers, else {"k", "v": L-tuples of [B, S, K, Dh]}."""
-    shape = (batch, length, cfg.kv_heads, cfg.dim_per_head)
-    axes = ("batch", "length", "kv_heads", "kv")  # on a mesh: rows over data, heads over tensor
+    {"k", "v": [L, B, K, S, Dh]} with scan_layers, else {"k", "v": L-tuples of [B, K, S, Dh]}
+    (heads before slots: ``attention.write_cache`` says why)."""
+    shape = (batch, cfg.kv_heads, length, cfg.dim_per_head)
+    axes = ("batch", "kv_heads", "length", "kv")  # on a mesh: rows over data, heads over tensor
     if cfg.scan_layers:
         return {n: constrain(jnp.zeros((cfg.n_layers, *shape), cfg.dtype), ("layers", *axes)) for n in ("k", "v")}
     return {n: tuple(constrain(jnp.zeros(shape, cfg.dtype), axes) for _ in range(cfg.n_layers)) for n in ("k", "v")}

@@ -107,9 +107,9 @@ class Layers(nnx.Module):
         whose type is "sliding" takes the second when there is one; cache: None or ``init_cache``'s
         layout. Returns (x, updated cache).
 
-        Unrolled, the cache holds one buffer per layer ({"k": (L x [B, S, K, Dh]), "v": ...}) that
+        Unrolled, the cache holds one buffer per layer ({"k": (L x [B, K, S, Dh]), "v": ...}) that
         each layer writes then reads, so XLA updates it in place; scanned, it is stacked
-        ({"k": [L, B, S, K, Dh], ...}) and rides in the scan carry. ``need_probs`` adds a third
+        ({"k": [L, B, K, S, Dh], ...}) and rides in the scan carry. ``need_probs`` adds a third
         output: every layer's attention probabilities [L, B, H, T, S].
         """
         keys = [None] * self.n_layers if key is None else list(jax.random.split(key, self.n_layers))
@@ -318,7 +318,7 @@ class Decoder(Transformer):
 
         input_ids, positions: [B, T], written to cache slots cache_index .. cache_index + T - 1
         (``cache_index``: an int, or one per row [B] when rows sit at different lengths);
-        cache: {"k", "v": [L, B, S, K, Dh]}; key_valid: [B, S] (False for padding slots).
+        cache: ``generate.init_cache``'s layout; key_valid: [B, S] (False for padding slots).
         ``prefill`` with a soft prompt: the prompt goes first (slots 0..P-1, cache_index 0) and
         positions count from P. Returns (final hidden states [B, T, D], updated cache); ``head``
         turns them into logits.

@@ -306,6 +306,9 @@ def test_disconnect_frees_the_slot_and_metrics(server):
                  "jaxlm_inter_token_latency_seconds_bucket"):
         assert name in text, name
     assert 'jaxlm_requests_total{endpoint="/v1/completions",status="200"}' in text
+    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith("jaxlm_")}
+    assert values["jaxlm_generated_tokens_total"] > 0 and values["jaxlm_time_to_first_token_seconds_count"] > 0
+    assert values["jaxlm_inter_token_latency_seconds_count"] > 0 and values["jaxlm_slots_in_use"] == 0
 
 
 def test_chat_without_template_and_full_queue_over_http(hf_dir):

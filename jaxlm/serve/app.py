@@ -30,6 +30,7 @@ def create_app(engine: Engine, *, model_name: str, chat_template: str | None = N
     """The ASGI app. The engine is started with the app and, at shutdown, finishes what is in
     flight (up to ``drain_timeout`` seconds) before it stops."""
     metrics = Metrics(engine)
+    engine.metrics = metrics  # time to first token, inter-token latency, tokens generated
     tokenizer = engine.lm.tokenizer
     template = chat_template or (tokenizer.chat_template if tokenizer is not None else None)
     created = now()

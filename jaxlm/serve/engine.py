@@ -155,7 +155,7 @@ def _step(graphdef, params, state, active):
     too, on whatever their slot holds, and are ignored)."""
     model = nnx.merge(graphdef, params)
     length = state["length"]
-    s = jax.tree.leaves(state["cache"])[0].shape[-3]
+    s = jax.tree.leaves(state["cache"])[0].shape[-2]
     key_valid = jnp.arange(s)[None] <= length[:, None]
     h, cache = model.decode(state["token"][:, None], length[:, None], state["cache"], length, key_valid)
     logits = model.head(h)[:, 0]

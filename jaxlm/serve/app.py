@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from jaxlm.chat import ChatTemplateError, render
+from jaxlm.chat import render
 from jaxlm.generate import Sampling
 from jaxlm.serve.engine import Engine, QueueFull
 from jaxlm.serve.metrics import CONTENT_TYPE_LATEST, Metrics
@@ -195,41 +195,36 @@ def create_app(engine: Engine, *, model_name: str, chat_template: str | None = N
         return answer(endpoint, StreamingResponse(stream(), media_type="text/event-stream",
                                                   headers={"Cache-Control": "no-cache"}))
 
-    async def completions(request: Request) -> Response:
-        endpoint = "/v1/completions"
-        try:
-            body = await read_body(request)
-            check_fields(body, COMPLETION_FIELDS)
-            check_model(body)
-            args = sampling_args(body, chat=False, default_max_tokens=16)
-            rows = [encode(p) for p in prompts_of(body)]
-            return await run(endpoint, request, body, rows, args, chat=False)
-        except APIError as e:
-            return error(endpoint, e)
-
-    async def chat_completions(request: Request) -> Response:
-        endpoint = "/v1/chat/completions"
-        try:
-            body = await read_body(request)
-            check_fields(body, CHAT_FIELDS)
-            check_model(body)
-            if template is None:
-                raise APIError(400, "this model has no chat template (tokenizer_config.json has no chat_template); "
-                                    "start the server with --chat-template FILE, or use /v1/completions")
-            if tokenizer is None:
-                raise APIError(400, "this model has no tokenizer")
+    def endpoint(path: str, fields: set[str], prepare):
+        """A POST handler: read and check the body, ``prepare(body) -> (prompt rows, args)``, run;
+        any APIError becomes OpenAI's error object."""
+        async def handle(request: Request) -> Response:
             try:
-                text = render(template, body.get("messages"), **tokenizer.special_tokens)
-            except ChatTemplateError as e:
-                raise APIError(400, str(e), param="messages") from None
-            except ValueError as e:
-                raise APIError(400, str(e), param="messages") from None
-            ids = tokenizer.encode(text, add_special_tokens=False)
-            room = engine.max_len - engine.lm.config.prompt_length - len(ids)
-            args = sampling_args(body, chat=True, default_max_tokens=max(room, 1))
-            return await run(endpoint, request, body, [ids], args, chat=True)
-        except APIError as e:
-            return error(endpoint, e)
+                body = await read_body(request)
+                check_fields(body, fields)
+                check_model(body)
+                rows, args = prepare(body)
+                return await run(path, request, body, rows, args, chat=fields is CHAT_FIELDS)
+            except APIError as e:
+                return error(path, e)
+        return handle
+
+    def completion_rows(body: dict):
+        return [encode(p) for p in prompts_of(body)], sampling_args(body, chat=False, default_max_tokens=16)
+
+    def chat_rows(body: dict):
+        if template is None:
+            raise APIError(400, "this model has no chat template (tokenizer_config.json has no chat_template); "
+                                "start the server with --chat-template FILE, or use /v1/completions")
+        if tokenizer is None:
+            raise APIError(400, "this model has no tokenizer")
+        try:
+            text = render(template, body.get("messages"), **tokenizer.special_tokens)
+        except ValueError as e:  # bad messages, or the template refused them (ChatTemplateError)
+            raise APIError(400, str(e), param="messages") from None
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        room = engine.max_len - engine.lm.config.prompt_length - len(ids)
+        return [ids], sampling_args(body, chat=True, default_max_tokens=max(room, 1))
 
     async def models(request: Request) -> Response:
         return answer("/v1/models", JSONResponse({"object": "list", "data": [
@@ -252,8 +247,9 @@ def create_app(engine: Engine, *, model_name: str, chat_template: str | None = N
         e = APIError(405, f"{request.method} is not allowed on {request.url.path}")
         return JSONResponse(e.body(), status_code=405)
 
-    routes = [Route("/v1/models", models, methods=["GET"]), Route("/v1/completions", completions, methods=["POST"]),
-              Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+    routes = [Route("/v1/models", models, methods=["GET"]),
+              Route("/v1/completions", endpoint("/v1/completions", COMPLETION_FIELDS, completion_rows), methods=["POST"]),
+              Route("/v1/chat/completions", endpoint("/v1/chat/completions", CHAT_FIELDS, chat_rows), methods=["POST"]),
               Route("/health", health, methods=["GET"]), Route("/metrics", prometheus, methods=["GET"])]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: bad_method})
     app.state.engine, app.state.metrics = engine, metrics

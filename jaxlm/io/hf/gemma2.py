@@ -9,7 +9,7 @@ from typing import Any
 from jaxlm.config import ModelConfig
 from jaxlm.io.hf.gemma import GEMMA
 from jaxlm.io.hf.llama import (BARE, PREFIX, SKIP, check_decoder, decoder_config_from_hf, decoder_config_to_hf,  # noqa: F401
-                               decoder_rules, windows_from_hf)
+                               decoder_rules, layer_types_to_hf, windows_from_hf)
 
 MODEL_TYPE = "gemma2"
 ARCHITECTURES = ("Gemma2ForCausalLM",)
@@ -32,7 +32,7 @@ def config_to_hf(c: ModelConfig) -> dict[str, Any]:
     check_decoder(c, "Gemma 2", norm_position="sandwich", has_qkv_bias=False, qk_norm=False, **GEMMA)
     out = decoder_config_to_hf(
         c, MODEL_TYPE, ARCHITECTURES[0], attention_bias=False, sliding_window=c.sliding_window,
-        layer_types=["sliding_attention" if w else "full_attention" for w in c.layer_windows],
+        layer_types=layer_types_to_hf(c),
         attn_logit_softcapping=c.attn_softcap, final_logit_softcapping=c.final_softcap,
         query_pre_attn_scalar=_number(c.query_pre_attn_scalar if c.query_pre_attn_scalar is not None else c.dim_per_head))
     out["hidden_activation"] = out.pop("hidden_act")

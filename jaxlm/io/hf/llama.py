@@ -65,6 +65,11 @@ def windows_from_hf(hf: dict[str, Any], window) -> dict[str, Any]:
     return dict(sliding_window=int(window), layer_types=() if set(types) <= {"sliding"} else types)
 
 
+def layer_types_to_hf(c: ModelConfig) -> list[str]:
+    """HF's ``layer_types`` for a config: "sliding_attention" / "full_attention" per layer."""
+    return ["sliding_attention" if w else "full_attention" for w in c.layer_windows]
+
+
 def _first(value):
     """An id, or the first of a list of them (Llama 3's several EOS ids; generation stops at the first)."""
     return value[0] if isinstance(value, (list, tuple)) else value

@@ -7,7 +7,7 @@ from typing import Any
 
 from jaxlm.config import ModelConfig
 from jaxlm.io.hf.llama import (BARE, PREFIX, SKIP, check_decoder, decoder_config_from_hf, decoder_config_to_hf,  # noqa: F401
-                               decoder_rules, windows_from_hf)
+                               decoder_rules, layer_types_to_hf, windows_from_hf)
 
 MODEL_TYPE = "qwen3"
 ARCHITECTURES = ("Qwen3ForCausalLM",)
@@ -23,11 +23,10 @@ def config_from_hf(hf: dict[str, Any], arch: str) -> ModelConfig:
 def config_to_hf(c: ModelConfig) -> dict[str, Any]:
     check_decoder(c, "Qwen3", norm_position="pre", has_qkv_bias=False, qk_norm=True, norm_unit_offset=False,
                   embed_scale=False)
-    windows = c.layer_windows
     return decoder_config_to_hf(
         c, MODEL_TYPE, ARCHITECTURES[0], attention_bias=False, use_sliding_window=c.sliding_window is not None,
         sliding_window=c.sliding_window,
-        layer_types=["sliding_attention" if w else "full_attention" for w in windows])
+        layer_types=layer_types_to_hf(c))
 
 
 rules = decoder_rules

@@ -97,6 +97,8 @@ def create_app(engine: Engine, *, model_name: str, chat_template: str | None = N
             for r in requests:
                 r.cancel()
             raise APIError(400, str(e)) from None
+        except RuntimeError as e:  # the engine's loop died (its error is on /health too)
+            raise APIError(503, str(e), kind="server_error") from None
         return requests
 
     async def run(endpoint: str, request: Request, body: dict, rows: list[list[int]], args: dict, chat: bool):

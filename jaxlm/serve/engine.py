@@ -258,6 +258,8 @@ class Engine:
         request = Request(ids, max_tokens=max_tokens, sampling=sampling, seed=int(seed), n=n, stop=stop,
                           logprobs=logprobs, on_event=on_event)
         with self._cv:
+            if self.error is not None:
+                raise RuntimeError(f"the engine stopped after an error: {self.error!r}")
             if self._closing:
                 raise QueueFull("the server is shutting down")
             if len(self._pending) >= self.max_queue:

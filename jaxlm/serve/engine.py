@@ -312,13 +312,12 @@ class Engine:
                 "top_p": jnp.ones(b, jnp.float32), "key": jax.random.split(jax.random.key(0), b),
                 "want": jnp.zeros(b, bool)}
 
+    def _bucket(self, n: int) -> int:
+        """The padded prefill length of an n-token prompt (a power of two, within the cache)."""
+        return min(bucket(n, minimum=16), self.max_len - self.lm.config.prompt_length)
+
     def _buckets(self) -> list[int]:
-        longest, out, p = self.max_prompt, [], 16
-        while True:
-            out.append(min(p, self.max_len - self.lm.config.prompt_length))
-            if p >= longest:
-                return out
-            p *= 2
+        return sorted({self._bucket(1 << k) for k in range(self.max_prompt.bit_length() + 1)})
 
     def _run(self) -> None:
         try:
@@ -369,7 +368,7 @@ class Engine:
 
     def _start(self, request: Request, free: list[int]) -> None:
         """Prefill ``request`` once and start each of its choices in a free slot."""
-        p = next(b for b in self._buckets() if b >= len(request.ids))
+        p = self._bucket(len(request.ids))
         ids = np.full(p, self.pad_id, np.int32)
         ids[:len(request.ids)] = request.ids
         root = jax.random.key(request.seed)

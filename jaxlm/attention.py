@@ -14,15 +14,20 @@ from flax import nnx
 from jaxlm.layers import Dense, Norm, apply_rope, dense_options, dropout, rope_frequencies
 
 
-def make_mask(key_valid, query_slots=None, *, causal: bool, window: int | None = None):
-    """Boolean mask [B, 1, T, S] (causal) or [B, 1, 1, S]: which keys each query may attend to.
+def make_mask(key_valid, query_slots=None, *, causal: bool, window: int | None = None, segment_ids=None):
+    """Boolean mask [B, 1, T, S] (causal, or with segments) or [B, 1, 1, S]: which keys each query
+    may attend to.
 
     key_valid: [B, S] bool, False for padding (or not yet written cache slots).
     query_slots: [B, T] int, the key index each query sits at (default: 0..T-1, i.e. T == S).
     window: a causal query sees only the last ``window`` slots, itself included (sliding-window
     attention). Slots and positions differ only by left padding, so distances are the same.
+    segment_ids: [B, S] int (T == S, no cache): several examples packed into one row; a query sees
+    only keys of its own segment (0 marks padding).
     """
     mask = key_valid[:, None, None, :]
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
     if causal:
         b, s = key_valid.shape
         if query_slots is None:

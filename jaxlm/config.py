@@ -344,8 +344,9 @@ PRESETS.update({
 
 _TRAIN_CHOICES = {
     ("data", "unit"): ("file", "line"),
+    ("data", "packing"): ("", "eos", "segments", "pad"),
     ("optim", "name"): ("adamw", "sgd", "adafactor"),
-    ("train", "objective"): ("clm", "mlm", "distill", "classify"),
+    ("train", "objective"): ("clm", "mlm", "distill", "classify", "sft", "dpo"),
     ("train", "dtype"): ("float32", "bfloat16"),
     ("adapt", "method"): ("full", "lora", "prompt"),
     ("prune", "scope"): ("global", "layer"),
@@ -367,6 +368,12 @@ class DataConfig:
     seq_len: int = 256
     batch_size: int = 16  # global, across hosts and micro-batches
     data_dir: str | None = None  # tfds data dir and token cache (default ~/.cache/jaxlm)
+    # How examples share rows: eos (documents joined with EOS, attention across them: clm / mlm
+    # pre-training), segments (packed, each example attends only to itself, positions restart:
+    # clm / mlm / sft), pad (one example per row: sft / dpo). "": eos for clm / mlm, segments for
+    # sft, pad for dpo.
+    packing: str = ""
+    chat_template: str = ""  # sft / dpo on chat messages: a Jinja template file ("": the tokenizer's own)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -432,6 +439,14 @@ class DistillConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DPOConfig:
+    """train.objective=dpo: preference tuning against a frozen reference model."""
+
+    beta: float = 0.1  # strength of the implicit KL constraint to the reference
+    reference: str = ""  # any model jaxlm.load accepts; "": the starting model (adapters off under LoRA)
+
+
+@dataclasses.dataclass(frozen=True)
 class MeshConfig:
     data: int = -1  # -1: all remaining devices
     fsdp: int = 1
@@ -450,6 +465,7 @@ class Config:
     adapt: AdaptConfig = dataclasses.field(default_factory=AdaptConfig)
     prune: PruneConfig = dataclasses.field(default_factory=PruneConfig)
     distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
+    dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -462,10 +478,12 @@ class Config:
             self.data,
             path=self.data.path and ",".join(_absolute(p, pattern=True) for p in self.data.path.split(",")),
             data_dir=self.data.data_dir and _absolute(self.data.data_dir, always=True),
-            tokenizer=self.data.tokenizer if self.data.tokenizer == "byte" else _absolute(self.data.tokenizer))
+            tokenizer=self.data.tokenizer if self.data.tokenizer == "byte" else _absolute(self.data.tokenizer),
+            chat_template=_absolute(self.data.chat_template))
         return dataclasses.replace(
             self, data=data, adapt=dataclasses.replace(self.adapt, init=_absolute(self.adapt.init)),
-            distill=dataclasses.replace(self.distill, teacher=_absolute(self.distill.teacher)))
+            distill=dataclasses.replace(self.distill, teacher=_absolute(self.distill.teacher)),
+            dpo=dataclasses.replace(self.dpo, reference=_absolute(self.dpo.reference)))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Config":
@@ -482,6 +500,7 @@ class Config:
             adapt=_section(AdaptConfig, "adapt", d.get("adapt", {})),
             prune=_section(PruneConfig, "prune", d.get("prune", {})),
             distill=_section(DistillConfig, "distill", d.get("distill", {})),
+            dpo=_section(DPOConfig, "dpo", d.get("dpo", {})),
         )
 
 

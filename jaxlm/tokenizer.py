@@ -75,12 +75,17 @@ class ByteTokenizer(_SpecialIds):
     def encode_batch(self, texts, add_special_tokens: bool = False) -> list[list[int]]:
         return [self.encode(t, add_special_tokens) for t in texts]
 
+    def __init__(self, chat_template: str | None = None):
+        self.chat_template = chat_template
+
     def decode(self, ids) -> str:
         return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
 
     def save(self, directory) -> None:
         Path(directory, "tokenizer_config.json").write_text(
             json.dumps({"tokenizer_class": "jaxlm.ByteTokenizer"}) + "\n")
+        if self.chat_template is not None:
+            Path(directory, "chat_template.jinja").write_text(self.chat_template, encoding="utf-8")
 
     def __repr__(self):
         return "ByteTokenizer()"
@@ -155,7 +160,8 @@ def load_tokenizer(directory) -> Tokenizer | None:
     files = {n: (d / n).read_bytes() for n in TOKENIZER_FILES if (d / n).is_file()}
     conf = json.loads(files.get("tokenizer_config.json", b"{}"))
     if conf.get("tokenizer_class") == "jaxlm.ByteTokenizer":
-        return ByteTokenizer()
+        template = files.get("chat_template.jinja")
+        return ByteTokenizer(None if template is None else template.decode("utf-8"))
     special = {**json.loads(files.get("special_tokens_map.json", b"{}")), **conf}
     special = {k: _token_str(v) for k, v in special.items() if k.endswith("_token")}
 
@@ -201,6 +207,14 @@ def load_tokenizer(directory) -> Tokenizer | None:
                 special_tokens=[(cls, tok.token_to_id(cls)), (sep, tok.token_to_id(sep))])
         special.setdefault("eos_token", special["sep_token"])
     return HFTokenizer(tok, files, special)
+
+
+def with_chat_template(tok: Tokenizer, template: str) -> Tokenizer:
+    """``tok`` carrying ``template`` as its chat template (saved as ``chat_template.jinja``), e.g.
+    the one a model was fine-tuned with, so that ``jaxlm serve`` renders chats the same way."""
+    if isinstance(tok, ByteTokenizer):
+        return ByteTokenizer(template)
+    return HFTokenizer(tok.backend, {**tok._files, "chat_template.jinja": template.encode("utf-8")}, tok._special)
 
 
 def copy_tokenizer_files(src, dst) -> list[str]:

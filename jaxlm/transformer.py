@@ -221,6 +221,14 @@ def positions_from_mask(attention_mask):
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
+def positions_from_segments(segment_ids):
+    """Position ids [B, T] that restart at 0 where each segment (packed example) begins."""
+    b, t = segment_ids.shape
+    idx = jnp.broadcast_to(jnp.arange(t), (b, t))
+    first = jnp.concatenate([jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    return idx - jax.lax.cummax(jnp.where(first, idx, 0), axis=1)
+
+
 class Transformer(nnx.Module):
     """Embeddings -> L blocks -> optional final norm. Subclasses add heads."""
 
@@ -234,16 +242,17 @@ class Transformer(nnx.Module):
         self.prompt = (param(rngs.params(), (cfg.prompt_length, cfg.d_model), (None, "embed"), std=cfg.init_std)
                        if cfg.prompt_length else None)
 
-    def masks(self, key_valid, query_slots=None):
+    def masks(self, key_valid, query_slots=None, segment_ids=None):
         """(mask, sliding-window mask or None) for ``Layers``: the second only when some layers
         slide and others do not; when all slide, the first is the windowed one."""
         cfg = self.config
         windows = set(cfg.layer_windows)
         window = cfg.sliding_window if cfg.causal and windows != {None} else None
-        mask = make_mask(key_valid, query_slots, causal=cfg.causal, window=window if None not in windows else None)
+        mask = make_mask(key_valid, query_slots, causal=cfg.causal, window=window if None not in windows else None,
+                         segment_ids=segment_ids)
         if window is None or None not in windows:
             return mask, None
-        return mask, make_mask(key_valid, query_slots, causal=True, window=window)
+        return mask, make_mask(key_valid, query_slots, causal=True, window=window, segment_ids=segment_ids)
 
     def with_prompt(self, x, attention_mask, positions):
         """Prepend the soft prompt to embedded inputs x [B, T, D]: (x, mask, positions) of P + T."""
@@ -255,19 +264,27 @@ class Transformer(nnx.Module):
                 jnp.concatenate([jnp.ones((b, p), bool), attention_mask], axis=1),
                 jnp.concatenate([jnp.broadcast_to(jnp.arange(p), (b, p)), positions], axis=1))
 
-    def hidden_states(self, input_ids, attention_mask=None, token_type_ids=None, *, key=None, need_probs=False):
+    def hidden_states(self, input_ids, attention_mask=None, token_type_ids=None, *, key=None, need_probs=False,
+                      segment_ids=None):
         """Final hidden states [B, T, D] (HF's last_hidden_state). ``key`` enables dropout;
-        ``need_probs`` returns (hidden states, attention probabilities [L, B, H, T, T])."""
+        ``need_probs`` returns (hidden states, attention probabilities [L, B, H, T, T]).
+        ``segment_ids`` [B, T] (packed examples, 0 = padding): positions restart at every segment
+        and no token attends to another segment's, so each example runs as if alone."""
         b, t = input_ids.shape
-        if attention_mask is None:
-            attention_mask = jnp.ones((b, t), bool)
-        attention_mask = attention_mask.astype(bool)
         p = self.config.prompt_length
-        positions = positions_from_mask(attention_mask) + p
+        if segment_ids is not None:
+            if p:
+                raise ValueError("packed examples (segment ids) cannot share a soft prompt; use data.packing=pad")
+            attention_mask = segment_ids > 0
+            positions = positions_from_segments(segment_ids)
+        else:
+            attention_mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+            positions = positions_from_mask(attention_mask) + p
         k_embed, k_layers = _split(key, 2)
         x = self.embed(input_ids, positions, token_type_ids, k_embed)
         x, attention_mask, positions = self.with_prompt(x, attention_mask, positions)
-        x, _, *maps = self.layers(x, self.masks(attention_mask), positions, key=k_layers, need_probs=need_probs)
+        x, _, *maps = self.layers(x, self.masks(attention_mask, segment_ids=segment_ids), positions, key=k_layers,
+                                  need_probs=need_probs)
         x = x[:, p:]
         x = self.final_norm(x) if self.final_norm is not None else x
         return (x, maps[0]) if need_probs else x
@@ -301,10 +318,11 @@ class Decoder(Transformer):
             logits = self.softcap * jnp.tanh(logits / self.softcap)
         return logits
 
-    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, key=None):
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, key=None, segment_ids=None):
         """[B, T, V] next-token logits; [B, C] class logits for head="classify"."""
         if self.classifier is None:
-            return self.head(self.hidden_states(input_ids, attention_mask, token_type_ids, key=key))
+            return self.head(self.hidden_states(input_ids, attention_mask, token_type_ids, key=key,
+                                                segment_ids=segment_ids))
         k_body, k_head = _split(key, 2)
         h = self.hidden_states(input_ids, attention_mask, token_type_ids, key=k_body)
         b, t = input_ids.shape
@@ -379,9 +397,10 @@ class Encoder(Transformer):
             return self.classifier(dropout(self.pooled(h), self.dropout, key)).astype(jnp.float32)
         raise ValueError("this model has no output head (head='none'); use hidden_states()")
 
-    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, key=None):
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, key=None, segment_ids=None):
         k_body, k_head = _split(key, 2)
-        return self.head(self.hidden_states(input_ids, attention_mask, token_type_ids, key=k_body), k_head)
+        return self.head(self.hidden_states(input_ids, attention_mask, token_type_ids, key=k_body,
+                                            segment_ids=segment_ids), k_head)
 
 
 def build_model(cfg: ModelConfig, seed: int = 0) -> Transformer:

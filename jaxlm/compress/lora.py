@@ -17,6 +17,13 @@ def is_adapter(path) -> bool:
     return bool(path) and path[-1] in ("lora_a", "lora_b")
 
 
+def adapters_off(params):
+    """``params`` with every adapter zero: the base model's outputs (B A x = 0), e.g. DPO's
+    reference under LoRA without a second copy of the weights."""
+    return {k: adapters_off(v) if isinstance(v, dict) else (jnp.zeros_like(v) if k in ("lora_a", "lora_b") else v)
+            for k, v in params.items()}
+
+
 def merge_lora(config, params):
     """(config without adapters, params with W + (alpha / r) A @ B in each adapted kernel)."""
     if not config.lora_rank:

@@ -12,21 +12,31 @@ from jaxlm.data import loader
 
 @dataclasses.dataclass(frozen=True)
 class EvalTotals:
-    """Sums over the evaluated batches: token (or example) losses, how many were scored, how many
-    predicted right, and for classification the confusion matrix [true, predicted]."""
+    """Sums over the evaluated batches: token (or example / pair) losses, how many were scored,
+    each stat's (numerator, denominator) (``loss_sums``), and for classification the confusion
+    matrix [true, predicted]."""
 
     loss_sum: float
     count: float
-    correct: float
+    stats: dict = dataclasses.field(default_factory=dict)
     confusion: np.ndarray | None = None
 
     @property
     def loss(self) -> float:
         return self.loss_sum / max(self.count, 1)
 
+    def ratio(self, name: str) -> float:
+        num, den = self.stats[name]
+        return num / max(den, 1)
+
+    @property
+    def metrics(self) -> dict:
+        """{name: ratio} of every stat (accuracy; reward_accuracy, reward_margin, chosen_loss for dpo)."""
+        return {k: self.ratio(k) for k in self.stats}
+
     @property
     def accuracy(self) -> float:
-        return self.correct / max(self.count, 1)
+        return self.ratio("accuracy")
 
     @property
     def macro_f1(self) -> float:
@@ -45,10 +55,13 @@ def evaluate(eval_step, params, rows, *, batch_size: int, batches: int, to_devic
     in order (no shuffling: every evaluation sees the same rows and MLM masks)."""
     it = loader(rows, batch_size=batch_size, seed=0, shuffle=False, process_index=process_index,
                 process_count=process_count)
-    tot, confusion = np.zeros(3), None
+    loss_sum, count, stats, confusion = 0.0, 0.0, {}, None
     for i in range(batches):
         out = eval_step(params, to_device(next(it)), i)
-        tot += np.array([float(x) for x in out[:3]])
+        loss_sum, count = loss_sum + float(out[0]), count + float(out[1])
+        for k, (num, den) in out[2].items():
+            a, b = stats.get(k, (0.0, 0.0))
+            stats[k] = (a + float(num), b + float(den))
         if len(out) > 3:
             confusion = np.asarray(out[3]) + (0 if confusion is None else confusion)
-    return EvalTotals(tot[0], tot[1], tot[2], confusion)
+    return EvalTotals(loss_sum, count, stats, confusion)

@@ -78,7 +78,7 @@ def eval_hook(run: Run, record: Callable[[dict], None]) -> Hook:
         totals = evaluate(run.eval_step, run.full_params(run.state["params"]), run.val_rows,
                           batch_size=cfg.data.batch_size, batches=run.eval_batches(), to_device=run.to_device,
                           process_index=pi, process_count=pc)
-        metrics = {"val_loss": totals.loss, "val_accuracy": totals.accuracy}
+        metrics = {"val_loss": totals.loss, **{f"val_{k}": v for k, v in totals.metrics.items()}}
         if cfg.train.objective == "classify":
             metrics["val_macro_f1"] = totals.macro_f1
         record({"step": info.step, **metrics})

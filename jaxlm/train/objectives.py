@@ -1,4 +1,5 @@
-"""Training objectives as sums over tokens: causal LM, masked LM, classification, distillation.
+"""Training objectives as sums over tokens: causal LM, masked LM, classification, distillation,
+supervised fine-tuning on weighted (assistant / completion) tokens, and DPO over preference pairs.
 
 Dimension legend: B batch rows, T length, V vocab, C classes.
 """
@@ -43,23 +44,74 @@ class StepSpec:
     alpha: float = 0.5
     attention_weight: float = 0.0
     layer_pairs: tuple = ()
+    # clm / mlm with data.packing=segments: an EOS input starts a new segment (no attention across)
+    segments_eos: int | None = None
+    # objective=dpo
+    beta: float = 0.1
 
 
-def loss_sums(model, rows, spec: StepSpec, *, key=None, mask_key=None, teacher=None):
-    """(sum of token losses, number of scored tokens, number predicted right) for rows [B, T + 1].
+def token_nll(logits, targets):
+    """-log p(target) per token [B, T] (logsumexp - target logit)."""
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jax.nn.logsumexp(logits, axis=-1) - target_logit, target_logit
 
-    ``key`` turns dropout on; ``mask_key`` draws the MLM masks. The token loss is the NLL of the
-    true token, or with ``teacher`` (a model, objective=distill) the distillation loss; the
-    attention term is added as its mean times the number of scored tokens.
+
+def segments_from_eos(inputs, eos: int):
+    """Segment ids [B, T] of an EOS-separated row: each EOS opens a segment (it stands in for the
+    next document's BOS), so no document attends to another and positions restart at each."""
+    return jnp.cumsum(inputs == eos, axis=1, dtype=jnp.int32) + 1
+
+
+def sequence_logps(model, rows):
+    """(sum of log p over weighted tokens, their NLL sum, their count), each [B, 2], of DPO pairs:
+    rows {"inputs", "targets", "weights", "segments"} of [B, 2, T] (chosen, rejected)."""
+    flat = {k: v.reshape(-1, v.shape[-1]) for k, v in rows.items()}
+    nll, _ = token_nll(model(flat["inputs"], segment_ids=flat["segments"]), flat["targets"])
+    w = flat["weights"].astype(jnp.float32)
+    shape = rows["weights"].shape[:2]
+    s = (nll * w).sum(-1).reshape(shape)
+    return -s, s, w.sum(-1).reshape(shape)
+
+
+def dpo_sums(model, reference, rows, beta: float):
+    """DPO (Rafailov et al. 2023): -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))) per pair,
+    with sequence log-probs over the response tokens only. Returns (loss sum, pairs, stats)."""
+    pi, nll, count = sequence_logps(model, rows)
+    ref = jax.lax.stop_gradient(sequence_logps(reference, rows)[0])
+    rewards = beta * (pi - ref)  # [B, 2]: implicit rewards of chosen, rejected
+    margin = rewards[:, 0] - rewards[:, 1]
+    real = (count[:, 0] > 0).astype(jnp.float32)  # empty rows (padding a small split) count for nothing
+    n = real.sum()
+    stats = {"reward_accuracy": (((margin > 0) * real).sum(), n), "reward_margin": ((margin * real).sum(), n),
+             "chosen_loss": (nll[:, 0].sum(), count[:, 0].sum())}
+    return (-jax.nn.log_sigmoid(margin) * real).sum(), n, stats
+
+
+def loss_sums(model, rows, spec: StepSpec, *, key=None, mask_key=None, teacher=None, reference=None):
+    """(sum of losses, number of scored tokens or examples, stats) for one batch; ``stats`` maps a
+    metric name to (numerator sum, denominator sum), so micro-batches and hosts add up exactly.
+
+    rows: [B, T + 1] token rows (clm, mlm, distill); {"inputs", "targets", "weights", "segments"}
+    of [B, T] (sft: loss on weighted tokens only, examples packed by segment) or [B, 2, T] (dpo,
+    with the frozen ``reference`` model); {"ids", "mask", "label"} (classify). ``key`` turns dropout
+    on; ``mask_key`` draws the MLM masks. The token loss is the NLL of the true token, or with
+    ``teacher`` (a model, objective=distill) the distillation loss; the attention term is added as
+    its mean times the number of scored tokens.
     """
     if spec.objective == "classify":  # rows: {"ids", "mask": [B, T], "label": [B]}
         logits = model(rows["ids"], rows["mask"], key=key)  # [B, C]
         target_logit = jnp.take_along_axis(logits, rows["label"][:, None], axis=-1)[:, 0]
         nll = jax.nn.logsumexp(logits, axis=-1) - target_logit
         correct = (target_logit >= jax.lax.stop_gradient(logits.max(-1))).astype(jnp.float32)
-        return nll.sum(), jnp.float32(nll.shape[0]), correct.sum()
-    causal = spec.objective == "clm" or (spec.objective == "distill" and model.config.causal)
-    if causal:
+        n = jnp.float32(nll.shape[0])
+        return nll.sum(), n, {"accuracy": (correct.sum(), n)}
+    if spec.objective == "dpo":
+        return dpo_sums(model, reference, rows, spec.beta)
+    segments = None
+    if spec.objective == "sft":
+        inputs, targets, segments = rows["inputs"], rows["targets"], rows["segments"]
+        weights = rows["weights"].astype(jnp.float32)
+    elif spec.objective == "clm" or (spec.objective == "distill" and model.config.causal):
         inputs, targets = rows[:, :-1], rows[:, 1:]
         weights = jnp.ones(targets.shape, jnp.float32)
     else:
@@ -67,22 +119,25 @@ def loss_sums(model, rows, spec: StepSpec, *, key=None, mask_key=None, teacher=N
         inputs, selected = mlm_inputs(targets, mask_key, vocab_size=model.config.vocab_size,
                                       mask_id=spec.mask_id, prob=spec.mlm_prob, special_ids=spec.special_ids)
         weights = selected.astype(jnp.float32)
+    if spec.segments_eos is not None and segments is None:
+        segments = segments_from_eos(rows[:, :-1], spec.segments_eos)
     extra = 0.0
     if teacher is None:
-        logits = model(inputs, key=key)
         # nll = logsumexp - target logit (argmax is slow on CPU: "correct" compares with the max).
-        target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-        per_token = jax.nn.logsumexp(logits, axis=-1) - target_logit
+        logits = model(inputs, key=key, segment_ids=segments)
+        per_token, target_logit = token_nll(logits, targets)
     else:
+        seg = dict(segment_ids=segments)
         if spec.attention_weight > 0:
-            h, maps = model.hidden_states(inputs, key=key, need_probs=True)
-            t_h, t_maps = teacher.hidden_states(inputs, need_probs=True)
+            h, maps = model.hidden_states(inputs, key=key, need_probs=True, **seg)
+            t_h, t_maps = teacher.hidden_states(inputs, need_probs=True, **seg)
             extra = spec.attention_weight * distill.attention_mse(maps, t_maps, spec.layer_pairs) * weights.sum()
         else:
-            h, t_h = model.hidden_states(inputs, key=key), teacher.hidden_states(inputs)
+            h, t_h = model.hidden_states(inputs, key=key, **seg), teacher.hidden_states(inputs, **seg)
         logits = model.head(h)
         per_token = distill.token_losses(logits, teacher.head(t_h), targets, temperature=spec.temperature,
                                          alpha=spec.alpha)
         target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     correct = (target_logit >= jax.lax.stop_gradient(logits.max(-1))).astype(jnp.float32)
-    return (per_token * weights).sum() + extra, weights.sum(), (correct * weights).sum()
+    n = weights.sum()
+    return (per_token * weights).sum() + extra, n, {"accuracy": ((correct * weights).sum(), n)}

@@ -8,6 +8,7 @@ and the jitted steps, and restores the latest checkpoint of the workdir if there
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from pathlib import Path
@@ -25,11 +26,12 @@ from jaxlm.compress.distill import check_teacher, layer_pairs
 from jaxlm.config import CHECKPOINT_FIELDS, Config, ModelConfig
 from jaxlm.data import loader, packed_rows
 from jaxlm.io import TrainCheckpoints
+from jaxlm.instruct import chat_template, example_rows
 from jaxlm.io.read import read_base
 from jaxlm.optim import make_optimizer, schedule
 from jaxlm.sharding import (batch_sharding, check_batch_fits, check_model_fits, like_params, make_mesh,
                             param_shardings)
-from jaxlm.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
+from jaxlm.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer, with_chat_template
 from jaxlm.train.objectives import StepSpec
 from jaxlm.train.steps import make_eval_step, make_train_step
 from jaxlm.transformer import abstract_model, build_model, params_for
@@ -44,11 +46,11 @@ class Run:
     log: Callable[[str], None]
     tokenizer: Tokenizer
     mesh: Any
-    train_step: Callable  # (state, batch, frozen, masks, teacher_params) -> (state, metrics)
+    train_step: Callable  # (state, batch, frozen, masks, fixed_params) -> (state, metrics)
     eval_step: Callable  # (params, batch, index) -> sums
     state: dict  # {"params": trainable params, "opt_state", "step"}, on the mesh
     frozen: dict | None  # parameters that take part but do not train (a LoRA / prompt-tuning base)
-    teacher_params: dict | None  # objective=distill
+    fixed_params: dict | None  # a second, untrained model: distill's teacher, dpo's reference
     train_iter: Any  # checkpointable grain iterator of this host's rows
     val_rows: Any
     to_device: Callable  # this host's rows -> global arrays split over data x fsdp
@@ -64,8 +66,11 @@ class Run:
         return params if self.frozen is None else tree.merge(params, self.frozen)
 
     def eval_batches(self) -> int:
+        full = len(self.val_rows) // self.cfg.data.batch_size
         if self.cfg.train.objective == "classify":  # every full batch: the metrics cover the split
-            return len(self.val_rows) // self.cfg.data.batch_size
+            return full
+        if self.cfg.train.objective in ("sft", "dpo"):  # small splits: each row once at most
+            return min(full, self.cfg.train.eval_batches)
         return self.cfg.train.eval_batches
 
 
@@ -91,6 +96,10 @@ def setup(cfg: Config, log) -> Run:
     cfg, base_params, tokenizer = _model_and_tokenizer(cfg, log)
     cfg, class_rows = _labels(cfg, tokenizer, log)
     _check(cfg, tokenizer)
+    objective = cfg.train.objective
+    template = chat_template(cfg.data, tokenizer) if objective in ("sft", "dpo") else None
+    if cfg.data.chat_template:  # saved with the run: jaxlm serve renders chats as they were trained
+        tokenizer = with_chat_template(tokenizer, template)
     # Mesh and shape checks come first: a bad mesh fails in one line, before anything compiles.
     mesh = make_mesh(cfg.mesh)
     check_model_fits(cfg.model, mesh)
@@ -100,8 +109,13 @@ def setup(cfg: Config, log) -> Run:
     if pc > 1:
         log(f"process {pi} of {pc}: {jax.local_device_count()} local devices, {jax.device_count()} in all; "
             f"mesh data={mesh.shape['data']} fsdp={mesh.shape['fsdp']} tensor={mesh.shape['tensor']}")
-    train_rows, val_rows = class_rows or (packed_rows(cfg.data, "train", tokenizer, log),
-                                          packed_rows(cfg.data, "validation", tokenizer, log))
+    if objective in ("sft", "dpo"):
+        train_rows, val_rows = (example_rows(cfg.data, split, tokenizer, objective, template=template, log=log)
+                                for split in ("train", "validation"))
+        val_rows = val_rows.padded(cfg.data.batch_size)
+    else:
+        train_rows, val_rows = class_rows or (packed_rows(cfg.data, "train", tokenizer, log),
+                                              packed_rows(cfg.data, "validation", tokenizer, log))
     it = loader(train_rows, batch_size=cfg.data.batch_size, seed=cfg.train.seed, process_index=pi,
                 process_count=pc)
 
@@ -110,6 +124,9 @@ def setup(cfg: Config, log) -> Run:
     graphdef = nnx.graphdef(abstract_model(model_cfg))
     tx = make_optimizer(cfg.optim, cfg.train.steps)
     params, frozen, p_sharding = _init_params(cfg, model_cfg, mesh, base_params)
+    fixed = teacher[:2] if teacher else None
+    if objective == "dpo":
+        fixed = _reference(cfg, model_cfg, mesh, graphdef, params, frozen, base_params, log)
     o_sharding = like_params(jax.eval_shape(tx.init, params), p_sharding, mesh)
     opt_state = jax.jit(tx.init, out_shardings=o_sharding)(params)
     rows_sharding = batch_sharding(mesh)
@@ -134,19 +151,24 @@ def setup(cfg: Config, log) -> Run:
         _truncate_metrics(workdir / "metrics.jsonl", start)
 
     dc = cfg.distill
-    spec = StepSpec(cfg.train.objective, cfg.optim.grad_accum, cfg.train.seed, tokenizer.mask_id,
+    segments = cfg.data.packing == "segments" and objective in ("clm", "mlm", "distill")
+    spec = StepSpec(objective, cfg.optim.grad_accum, cfg.train.seed, tokenizer.mask_id,
                     tokenizer.special_ids, cfg.train.mlm_prob, dc.temperature, dc.alpha, dc.attention_weight,
-                    teacher[2] if teacher else ())
+                    teacher[2] if teacher else (), segments_eos=tokenizer.eos_id if segments else None,
+                    beta=cfg.dpo.beta)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     train_step = make_train_step(graphdef, tx, spec, schedule(cfg.optim, cfg.train.steps),
                                  dropout=cfg.model.dropout > 0 or cfg.model.attention_dropout > 0,
                                  state_sharding={"params": p_sharding, "opt_state": o_sharding, "step": replicated},
-                                 teacher_graphdef=teacher[0] if teacher else None)
+                                 fixed_graphdef=fixed and fixed[0])
     state = {"params": params, "opt_state": opt_state, "step": jax.device_put(jnp.int32(start), replicated)}
+    fixed_params = fixed and fixed[1]
+    eval_step = make_eval_step(graphdef, spec, fixed and fixed[0])
+    if objective == "dpo":
+        eval_step = functools.partial(eval_step, fixed_params=fixed_params)
     return Run(cfg=cfg, workdir=workdir, log=log, tokenizer=tokenizer, mesh=mesh, train_step=train_step,
-               eval_step=make_eval_step(graphdef, spec), state=state, frozen=frozen,
-               teacher_params=teacher[1] if teacher else None, train_iter=it, val_rows=val_rows,
-               to_device=to_device, checkpoints=ckpts, start=start)
+               eval_step=eval_step, state=state, frozen=frozen, fixed_params=fixed_params, train_iter=it,
+               val_rows=val_rows, to_device=to_device, checkpoints=ckpts, start=start)
 
 
 def _model_and_tokenizer(cfg: Config, log):
@@ -189,6 +211,11 @@ def _labels(cfg: Config, tokenizer, log):
     return cfg, rows
 
 
+# data.packing per objective ("" = the default: eos for clm / mlm / distill, segments for sft, pad for dpo)
+PACKING = {"clm": ("", "eos", "segments"), "mlm": ("", "eos", "segments"), "distill": ("", "eos", "segments"),
+           "sft": ("", "segments", "pad"), "dpo": ("", "pad")}
+
+
 def _check(cfg: Config, tokenizer) -> None:
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size="
@@ -200,6 +227,39 @@ def _check(cfg: Config, tokenizer) -> None:
     masked = cfg.train.objective == "mlm" or (cfg.train.objective == "distill" and not cfg.model.causal)
     if masked and tokenizer.mask_id is None:
         raise ValueError(f"train.objective={cfg.train.objective} on an encoder needs a tokenizer with a mask token")
+    packing, objective = cfg.data.packing, cfg.train.objective
+    allowed = PACKING.get(objective, ("",))
+    if packing not in allowed:
+        raise ValueError(f"data.packing={packing} does not apply to train.objective={objective}; use "
+                         + " or ".join(p for p in allowed if p))
+    if cfg.model.prompt_length and (packing == "segments" or (objective == "sft" and not packing)):
+        raise ValueError("packed examples (data.packing=segments) cannot share a soft prompt; use data.packing=pad")
+
+
+def _reference(cfg: Config, model_cfg: ModelConfig, mesh, graphdef, params, frozen, base_params, log):
+    """objective=dpo: (graphdef, params on the mesh) of the frozen reference, or None under LoRA
+    from a base without adapters (the reference is then the model with its adapters off)."""
+    if cfg.dpo.reference:
+        r_cfg, r_params, _ = read_base(cfg.dpo.reference, "dpo.reference")
+        if r_cfg.vocab_size != model_cfg.vocab_size:
+            raise ValueError(f"dpo.reference={cfg.dpo.reference} has a vocabulary of {r_cfg.vocab_size} tokens, "
+                             f"the model {model_cfg.vocab_size}; the reference must share the tokenizer")
+        r_cfg = r_cfg.replace(dtype=cfg.train.dtype, scan_layers=model_cfg.scan_layers)
+        check_model_fits(r_cfg, mesh)
+        log(f"dpo: reference {cfg.dpo.reference}, beta {cfg.dpo.beta}")
+        return nnx.graphdef(abstract_model(r_cfg)), jax.device_put(params_for(r_cfg, r_params),
+                                                                   param_shardings(r_cfg, mesh))
+    base_adapters = base_params is not None and any("lora_a" in node for _, node in tree.walk(base_params))
+    if cfg.adapt.method == "lora" and not base_adapters:
+        log(f"dpo: reference = the base model (LoRA adapters off), beta {cfg.dpo.beta}")
+        return None
+    if cfg.adapt.method not in ("full", "lora"):
+        raise ValueError(f"train.objective=dpo trains with adapt.method=full or lora, not {cfg.adapt.method}")
+    # The starting weights, copied before training changes them (a resumed run copies the base
+    # again, not the restored weights).
+    log(f"dpo: reference = the starting model (a frozen copy), beta {cfg.dpo.beta}")
+    full = tree.merge(params, frozen) if frozen is not None else params
+    return graphdef, jax.tree.map(jnp.copy, full)
 
 
 def _teacher(cfg: Config, mesh, log):

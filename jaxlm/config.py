@@ -444,6 +444,7 @@ class DPOConfig:
 
     beta: float = 0.1  # strength of the implicit KL constraint to the reference
     reference: str = ""  # any model jaxlm.load accepts; "": the starting model (adapters off under LoRA)
+    sft_weight: float = 0.0  # + this times the chosen responses' mean token NLL (RPO); 0 = plain DPO
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,9 @@
 """Instruction and preference data: JSONL examples -> token rows with per-token loss weights
 (``train.objective=sft`` and ``dpo``).
 
-One example per line of ``data.path``'s JSONL files (blank lines skipped):
+One example per line of ``data.path``'s JSONL files (blank lines skipped); a directory holding
+``train.jsonl`` and ``validation.jsonl`` gives the splits, otherwise examples are split by a hash of
+their file and line (``data.val_fraction``):
 
 - sft: ``{"messages": [{"role": ..., "content": ...}, ...]}`` (the OpenAI chat format) or
   ``{"prompt": str, "completion": str}``.
@@ -29,14 +31,17 @@ restart per example; ``pad`` puts one example in each row. DPO pairs are [2, seq
 
 from __future__ import annotations
 
+import ast
 import json
 import os
+import textwrap
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from jaxlm.chat import ChatTemplateError, check_messages, render
-from jaxlm.data import in_validation, resolve_paths
+from jaxlm.data import default_corpus_files, in_validation, resolve_paths, stdlib_dir
 
 ROLES = ("system", "user", "assistant", "tool")
 FIELDS = ("inputs", "targets", "weights", "segments")
@@ -51,7 +56,10 @@ def read_jsonl(data_cfg, split: str) -> list[tuple[str, dict]]:
     if not data_cfg.path:
         raise ValueError("train.objective=sft / dpo needs examples: data.path=FILE.jsonl (files, directories or "
                          "globs of JSONL)")
-    files = resolve_paths(data_cfg.path)
+    p = Path(data_cfg.path).expanduser()
+    named = {s: p / f"{s}.jsonl" for s in ("train", "validation")}
+    given = p.is_dir() and all(f.is_file() for f in named.values())  # the splits, as files
+    files = list(named.values()) if given else resolve_paths(data_cfg.path)
     root = os.path.commonpath([str(f.parent) for f in files])
     out = {"train": [], "validation": []}
     for f in files:
@@ -66,7 +74,7 @@ def read_jsonl(data_cfg, split: str) -> list[tuple[str, dict]]:
                     raise ExampleError(f"{f} line {i}: not JSON ({e.msg})") from None
                 if not isinstance(ex, dict):
                     raise ExampleError(f"{f} line {i}: an example must be a JSON object")
-                val = in_validation(f"{rel}:{i}", data_cfg.val_fraction)
+                val = f.stem == "validation" if given else in_validation(f"{rel}:{i}", data_cfg.val_fraction)
                 out["validation" if val else "train"].append((f"{f} line {i}", ex))
     if not out["validation"] and len(out["train"]) > 1:  # tiny inputs: keep one example for validation
         out["validation"].append(out["train"].pop())
@@ -280,3 +288,55 @@ def chat_template(data_cfg, tokenizer) -> str | None:
             raise FileNotFoundError(f"data.chat_template={data_cfg.chat_template} does not exist")
         return p.read_text(encoding="utf-8")
     return getattr(tokenizer, "chat_template", None)
+
+
+def _functions(text: str):
+    """(prompt, body) of each function with a docstring and at least two more lines: the def
+    line(s) and docstring, and the rest, dedented."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # invalid escapes in old sources
+            tree = ast.parse(text)
+    except (SyntaxError, ValueError):  # a few test files are invalid on purpose
+        return
+    lines = text.splitlines()
+    for node in ast.walk(tree):
+        if not (isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and ast.get_docstring(node)
+                and len(node.body) >= 2):
+            continue
+        block = textwrap.dedent("\n".join(lines[node.lineno - 1:node.end_lineno])).splitlines()
+        k = node.body[0].end_lineno - node.lineno + 1
+        prompt, body = block[:k], [line for line in block[k:] if line.strip()]
+        if len(body) >= 2 and len(set(body)) > 1 and block[0].lstrip().startswith(("def ", "async def ")):
+            yield "\n".join(prompt) + "\n", "\n".join(body) + "\n"
+
+
+def docstring_tasks(out_dir, *, max_chars: int = 320, val_fraction: float = 0.1, seed: int = 0) -> dict:
+    """The offline post-training demo, from the standard library's functions that have a docstring
+    (split by file: validation functions come from unseen files):
+
+    - OUT/sft/{train,validation}.jsonl: {"prompt": def line and docstring, "completion": the body};
+    - OUT/dpo/{train,validation}.jsonl: {"prompt", "chosen": the real body, "rejected": the same
+      lines in another order}.
+
+    Functions longer than ``max_chars`` (prompt and body) are left out. Returns the counts."""
+    rng = np.random.default_rng(seed)
+    root, out, seen = stdlib_dir(), Path(out_dir), set()
+    rows = {(t, s): [] for t in ("sft", "dpo") for s in ("train", "validation")}
+    for f in default_corpus_files():
+        rel = str(f.relative_to(root))
+        split = "validation" if in_validation(rel, val_fraction) else "train"
+        for prompt, body in _functions(f.read_text(encoding="utf-8", errors="replace")):
+            if len(prompt) + len(body) > max_chars or (prompt, body) in seen:
+                continue
+            seen.add((prompt, body))
+            lines = body.splitlines(keepends=True)
+            order = rng.permutation(len(lines))
+            while [lines[i] for i in order] == lines:
+                order = rng.permutation(len(lines))
+            rows["sft", split].append({"prompt": prompt, "completion": body})
+            rows["dpo", split].append({"prompt": prompt, "chosen": body, "rejected": "".join(lines[i] for i in order)})
+    for (task, split), items in rows.items():
+        (out / task).mkdir(parents=True, exist_ok=True)
+        (out / task / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items))
+    return {f"{t}_{s}": len(v) for (t, s), v in rows.items()}

@@ -12,6 +12,7 @@ from jaxlm.api import load
 from jaxlm.classify import ClassRows, read_examples
 from jaxlm.config import load_config
 from jaxlm.data import packed_rows
+from jaxlm.instruct import chat_template, example_rows
 from jaxlm.io import is_workdir
 from jaxlm.sharding import batch_sharding, check_batch_fits, make_mesh
 from jaxlm.train import StepSpec, check_seq_len, evaluate, make_eval_step
@@ -67,7 +68,11 @@ def evaluate_model(model_path, overrides=(), *, split: str = "validation", batch
     if lm.config.head == "classify":
         objective = "classify"
     elif workdir or any(o.startswith("train.objective=") for o in overrides):
-        objective = cfg.train.objective if cfg.train.objective in ("clm", "mlm") else \
+        if cfg.train.objective == "dpo":
+            raise ValueError("jaxlm eval scores clm / mlm / sft / classify; a dpo run's held-out reward accuracy "
+                             "is in its metrics.jsonl (val_reward_accuracy), its loss on the chosen responses "
+                             "with train.objective=sft data.path=SFT_DATA")
+        objective = cfg.train.objective if cfg.train.objective in ("clm", "mlm", "sft") else \
             ("clm" if lm.config.causal else "mlm")  # a distilled student: its own loss
     else:
         objective = "clm" if lm.config.causal else "mlm"
@@ -76,6 +81,10 @@ def evaluate_model(model_path, overrides=(), *, split: str = "validation", batch
         names = lm.config.label_names or tuple(str(i) for i in range(lm.config.num_labels))
         rows = ClassRows(read_examples(cfg.data, split), tokenizer, names, cfg.data.seq_len)
         n = len(rows) // cfg.data.batch_size  # every full batch: classification metrics cover the split
+    elif objective == "sft":  # every example: the loss over its learned (completion / assistant) tokens
+        rows = example_rows(cfg.data, split, tokenizer, "sft", template=chat_template(cfg.data, tokenizer))
+        rows = rows.padded(cfg.data.batch_size)
+        n = len(rows) // cfg.data.batch_size
     else:
         rows = packed_rows(cfg.data, split, tokenizer)
         n = min(batches, max(1, len(rows) // cfg.data.batch_size))

@@ -70,3 +70,19 @@ def ragged_batch(vocab, lengths, total=None, seed=0, left=False):
         else:
             mask[i, :n] = 1
     return ids, mask
+
+
+@pytest.fixture(scope="session")
+def tiny_byte_model(tmp_path_factory):
+    """A jaxlm model dir: a 2-layer GPT-2-shaped decoder (random weights) with the byte tokenizer."""
+    from flax import nnx
+
+    from jaxlm import ModelConfig, build_model
+    from jaxlm.io import save_model
+    from jaxlm.tokenizer import ByteTokenizer
+
+    cfg = ModelConfig.preset("gpt2-tiny", vocab_size=259, max_len=64, d_model=32, n_layers=2, n_heads=4,
+                             eos_token_id=ByteTokenizer.eos_id, pad_token_id=ByteTokenizer.pad_id)
+    d = tmp_path_factory.mktemp("tiny-byte") / "model"
+    save_model(d, cfg, nnx.to_pure_dict(nnx.state(build_model(cfg), nnx.Param)), ByteTokenizer())
+    return str(d)

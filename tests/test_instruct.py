@@ -166,7 +166,7 @@ def test_dpo_loss_equals_formula_in_float64(tmp_path):
     total, n, stats = loss_sums(policy, batch, StepSpec("dpo", beta=beta), reference=reference)
 
     renderer = Renderer(ByteTokenizer(), None)
-    losses, margins = [], []
+    losses, margins, chosen_nll = [], [], []
     for ex in pairs[:-1]:
         logps = []
         for model in (policy, reference):
@@ -176,10 +176,14 @@ def test_dpo_loss_equals_formula_in_float64(tmp_path):
         m = beta * ((pc - rc) - (pr - rr))
         losses.append(np.log1p(np.exp(-m)))  # -log sigmoid(m)
         margins.append(m)
+        chosen_nll.append(-pc / renderer.dpo(ex, "")[0][1][1:].sum())
     assert float(n) == 8
     np.testing.assert_allclose(float(total) / float(n), np.mean(losses), rtol=1e-5)
     np.testing.assert_allclose(float(stats["reward_margin"][0]) / 8, np.mean(margins), rtol=1e-4, atol=1e-6)
     assert float(stats["reward_accuracy"][0]) == sum(m > 0 for m in margins)
+    # RPO: + sft_weight x the chosen response's mean token NLL
+    rpo, _, _ = loss_sums(policy, batch, StepSpec("dpo", beta=beta, sft_weight=0.5), reference=reference)
+    np.testing.assert_allclose(float(rpo) / 8, np.mean(np.array(losses) + 0.5 * np.array(chosen_nll)), rtol=1e-5)
     # The reference is the policy: every pair's loss is log 2.
     same, _, _ = loss_sums(policy, batch, StepSpec("dpo", beta=beta), reference=policy)
     np.testing.assert_allclose(float(same) / 8, np.log(2), rtol=1e-6)
@@ -205,26 +209,14 @@ BAD = {
 }
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    from jaxlm.io import save_model
-
-    cfg = CONFIGS["gpt2"].replace(max_len=64)
-    d = tmp_path_factory.mktemp("tiny") / "model"
-    from flax import nnx
-
-    save_model(d, cfg, nnx.to_pure_dict(nnx.state(build_model(cfg), nnx.Param)), ByteTokenizer())
-    return str(d)
-
-
 @pytest.mark.parametrize("case", list(BAD))
-def test_bad_examples_one_line_exit_2(tmp_path, tiny_model, case):
+def test_bad_examples_one_line_exit_2(tmp_path, tiny_byte_model, case):
     objective, bad, extra, message = BAD[case]
     good = {"prompt": "q", "completion": "a"} if objective == "sft" else {"prompt": "q", "chosen": "a", "rejected": "b"}
     lines = [good, *bad] if case != "too_long" else [{"prompt": "x" * 100, "completion": "y"}, *bad]
     path = write_jsonl(tmp_path / "bad.jsonl", lines)
     (tmp_path / "t.jinja").write_text(TEMPLATE)
-    extra = [e.format(template=tmp_path / "t.jinja", model=tiny_model) for e in extra]
+    extra = [e.format(template=tmp_path / "t.jinja", model=tiny_byte_model) for e in extra]
     proc = run_train([f"train.objective={objective}", f"data.path={path}", "data.seq_len=32", "data.batch_size=8",
                       "train.steps=1", f"train.workdir={tmp_path / 'run'}", "data.val_fraction=0", *extra])
     assert proc.returncode == 2, proc.stderr
@@ -232,3 +224,26 @@ def test_bad_examples_one_line_exit_2(tmp_path, tiny_model, case):
     assert "Traceback" not in proc.stderr
     assert last.startswith("jaxlm train: error: ")
     assert re.search(message, last), last
+
+
+def test_docstring_tasks_are_real_functions_split_by_file(tmp_path):
+    from jaxlm.instruct import docstring_tasks
+
+    counts = docstring_tasks(tmp_path, max_chars=320, val_fraction=0.05)
+    assert counts["sft_train"] > 1000 and counts["sft_validation"] > 50
+    sft = [json.loads(x) for x in (tmp_path / "sft" / "validation.jsonl").read_text().splitlines()]
+    dpo = [json.loads(x) for x in (tmp_path / "dpo" / "validation.jsonl").read_text().splitlines()]
+    for ex, pair in zip(sft, dpo):
+        assert ex["prompt"].lstrip().startswith(("def ", "async def ")) and len(ex["prompt"] + ex["completion"]) <= 320
+        assert pair["chosen"] == ex["completion"] != pair["rejected"]
+        assert sorted(pair["chosen"].splitlines()) == sorted(pair["rejected"].splitlines())  # same lines, reordered
+    parsed = 0
+    for ex in sft:
+        try:
+            compile(ex["prompt"] + ex["completion"], "<task>", "exec")
+            parsed += 1
+        except SyntaxError:  # blank lines inside a body's string literal were dropped
+            pass
+    assert parsed >= 0.95 * len(sft)
+    train_prompts = {json.loads(x)["prompt"] for x in (tmp_path / "sft" / "train.jsonl").read_text().splitlines()}
+    assert len(train_prompts & {ex["prompt"] for ex in sft}) < 0.1 * len(sft)  # held-out files, few shared defs

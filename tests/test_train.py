@@ -259,3 +259,67 @@ def test_trains_with_gpt2_bpe_tokenizer(corpus, tmp_path):
 
     lm = jaxlm.load(tmp_path / "w")
     assert lm.config.eos_token_id == 50256 and lm.tokenizer.encode("def f():") == [4299, 277, 33529]
+
+
+CHAT = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<|end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def chat_data(tmp_path, n=64):
+    """Chat examples (sums to learn) as JSONL, one longer than data.seq_len=48, and a template file."""
+    rng = np.random.default_rng(0)
+    lines = []
+    for _ in range(n):
+        a, b = rng.integers(0, 50, 2)
+        lines.append({"messages": [{"role": "user", "content": f"{a}+{b}"}, {"role": "assistant", "content": f"{a + b}"}]})
+    lines.append({"messages": [{"role": "user", "content": "x" * 60}, {"role": "assistant", "content": "y"}]})
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (tmp_path / "chat.jinja").write_text(CHAT)
+    return [f"data.path={tmp_path / 'chat.jsonl'}", f"data.chat_template={tmp_path / 'chat.jinja'}"]
+
+
+def test_sft_lora_on_a_mesh_resumes_exactly(tmp_path, tiny_byte_model):
+    common = ["train.objective=sft", f"adapt.init={tiny_byte_model}", "adapt.method=lora", "adapt.lora_targets=q,v,up",
+              *chat_data(tmp_path), "data.seq_len=48", "data.batch_size=8", "mesh.data=2", "mesh.fsdp=2",
+              "mesh.tensor=2", "train.steps=6", "train.save_every=3", "train.eval_every=3", "train.log_every=1",
+              "optim.lr=1e-2", "optim.warmup_steps=0"]
+    full = run_cli([*common, f"train.workdir={tmp_path / 'full'}"])
+    assert full.returncode == 0, full.stderr
+    assert "skipped 1 longer than data.seq_len" in full.stderr  # skipped and counted, never truncated
+    killed = subprocess.run([sys.executable, "-c", KILL_AFTER_SAVE, "3", *common, f"train.workdir={tmp_path / 'cut'}"],
+                            capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    resumed = run_cli([*common, f"train.workdir={tmp_path / 'cut'}"])
+    assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr
+    a, b = losses(tmp_path / "full"), losses(tmp_path / "cut")
+    assert [a[s] for s in range(4, 7)] == [b[s] for s in range(4, 7)]  # bitwise identical
+    assert a[6] < a[1]
+    # The run carries its chat template, so jaxlm serve / lm.generate see the one it trained with.
+    from jaxlm import load
+
+    assert load(tmp_path / "full").tokenizer.chat_template == CHAT
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_dpo_starts_at_log2_and_prefers_chosen(tmp_path, tiny_byte_model, method):
+    """Step 1: the policy is its reference (a copy, or the base with adapters off): every pair's loss
+    is log 2 and the margin 0. Training on pairs where the right sum is chosen raises the margin."""
+    rng = np.random.default_rng(1)
+    pairs = []
+    for _ in range(80):
+        a, b = rng.integers(0, 50, 2)
+        pairs.append({"prompt": f"{a}+{b}=", "chosen": f"{a + b}", "rejected": f"{a + b + rng.integers(1, 9)}"})
+    (tmp_path / "dpo.jsonl").write_text("".join(json.dumps(x) + "\n" for x in pairs))
+    w = tmp_path / "w"
+    proc = run_cli(["train.objective=dpo", f"adapt.init={tiny_byte_model}", f"adapt.method={method}",
+                    f"data.path={tmp_path / 'dpo.jsonl'}", "data.seq_len=16", "data.batch_size=8", "train.steps=20",
+                    "train.eval_every=20", "train.log_every=1", "optim.lr=3e-3", "optim.warmup_steps=0",
+                    "dpo.beta=0.5", f"train.workdir={w}"])
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(x) for x in open(w / "metrics.jsonl")]
+    first = next(x for x in lines if x["step"] == 1 and "loss" in x)
+    assert abs(first["loss"] - math.log(2)) < 1e-6 and first["reward_margin"] == 0.0
+    last = [x for x in lines if "loss" in x][-5:]
+    assert np.mean([x["reward_margin"] for x in last]) > 0 and np.mean([x["loss"] for x in last]) < math.log(2)
+    val = [x for x in lines if "val_reward_accuracy" in x]
+    assert {"val_reward_margin", "val_chosen_loss"} <= set(val[-1])

@@ -48,6 +48,7 @@ class StepSpec:
     segments_eos: int | None = None
     # objective=dpo
     beta: float = 0.1
+    sft_weight: float = 0.0
 
 
 def token_nll(logits, targets):
@@ -73,9 +74,11 @@ def sequence_logps(model, rows):
     return -s, s, w.sum(-1).reshape(shape)
 
 
-def dpo_sums(model, reference, rows, beta: float):
+def dpo_sums(model, reference, rows, beta: float, sft_weight: float = 0.0):
     """DPO (Rafailov et al. 2023): -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))) per pair,
-    with sequence log-probs over the response tokens only. Returns (loss sum, pairs, stats)."""
+    with sequence log-probs over the response tokens only; ``sft_weight`` adds that times the
+    chosen response's mean token NLL (RPO, Pang et al. 2024: it keeps the chosen responses likely,
+    which plain DPO lets fall). Returns (loss sum, pairs, stats)."""
     pi, nll, count = sequence_logps(model, rows)
     ref = jax.lax.stop_gradient(sequence_logps(reference, rows)[0])
     rewards = beta * (pi - ref)  # [B, 2]: implicit rewards of chosen, rejected
@@ -84,7 +87,10 @@ def dpo_sums(model, reference, rows, beta: float):
     n = real.sum()
     stats = {"reward_accuracy": (((margin > 0) * real).sum(), n), "reward_margin": ((margin * real).sum(), n),
              "chosen_loss": (nll[:, 0].sum(), count[:, 0].sum())}
-    return (-jax.nn.log_sigmoid(margin) * real).sum(), n, stats
+    loss = -jax.nn.log_sigmoid(margin)
+    if sft_weight:
+        loss = loss + sft_weight * nll[:, 0] / jnp.maximum(count[:, 0], 1.0)
+    return (loss * real).sum(), n, stats
 
 
 def loss_sums(model, rows, spec: StepSpec, *, key=None, mask_key=None, teacher=None, reference=None):
@@ -106,7 +112,7 @@ def loss_sums(model, rows, spec: StepSpec, *, key=None, mask_key=None, teacher=N
         n = jnp.float32(nll.shape[0])
         return nll.sum(), n, {"accuracy": (correct.sum(), n)}
     if spec.objective == "dpo":
-        return dpo_sums(model, reference, rows, spec.beta)
+        return dpo_sums(model, reference, rows, spec.beta, spec.sft_weight)
     segments = None
     if spec.objective == "sft":
         inputs, targets, segments = rows["inputs"], rows["targets"], rows["segments"]

@@ -155,7 +155,7 @@ def setup(cfg: Config, log) -> Run:
     spec = StepSpec(objective, cfg.optim.grad_accum, cfg.train.seed, tokenizer.mask_id,
                     tokenizer.special_ids, cfg.train.mlm_prob, dc.temperature, dc.alpha, dc.attention_weight,
                     teacher[2] if teacher else (), segments_eos=tokenizer.eos_id if segments else None,
-                    beta=cfg.dpo.beta)
+                    beta=cfg.dpo.beta, sft_weight=cfg.dpo.sft_weight)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     train_step = make_train_step(graphdef, tx, spec, schedule(cfg.optim, cfg.train.steps),
                                  dropout=cfg.model.dropout > 0 or cfg.model.attention_dropout > 0,

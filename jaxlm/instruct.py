@@ -311,13 +311,35 @@ def _functions(text: str):
             yield "\n".join(prompt) + "\n", "\n".join(body) + "\n"
 
 
+def _broken_order(prompt: str, body: str, rng, tries: int = 20) -> str | None:
+    """The body's lines in an order that no longer compiles (clearly worse code: a reordering that
+    still compiles may mean the same, e.g. two independent assignments), or None if none is found."""
+    def compiles(text):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                compile(prompt + text, "<task>", "exec")
+            return True
+        except (SyntaxError, ValueError):
+            return False
+
+    if not compiles(body):
+        return None
+    lines = body.splitlines(keepends=True)
+    for _ in range(tries):
+        text = "".join(lines[i] for i in rng.permutation(len(lines)))
+        if not compiles(text):
+            return text
+    return None
+
+
 def docstring_tasks(out_dir, *, max_chars: int = 320, val_fraction: float = 0.1, seed: int = 0) -> dict:
     """The offline post-training demo, from the standard library's functions that have a docstring
     (split by file: validation functions come from unseen files):
 
     - OUT/sft/{train,validation}.jsonl: {"prompt": def line and docstring, "completion": the body};
     - OUT/dpo/{train,validation}.jsonl: {"prompt", "chosen": the real body, "rejected": the same
-      lines in another order}.
+      lines in an order that no longer compiles} (functions with no such order are left out).
 
     Functions longer than ``max_chars`` (prompt and body) are left out. Returns the counts."""
     rng = np.random.default_rng(seed)
@@ -330,12 +352,10 @@ def docstring_tasks(out_dir, *, max_chars: int = 320, val_fraction: float = 0.1,
             if len(prompt) + len(body) > max_chars or (prompt, body) in seen:
                 continue
             seen.add((prompt, body))
-            lines = body.splitlines(keepends=True)
-            order = rng.permutation(len(lines))
-            while [lines[i] for i in order] == lines:
-                order = rng.permutation(len(lines))
             rows["sft", split].append({"prompt": prompt, "completion": body})
-            rows["dpo", split].append({"prompt": prompt, "chosen": body, "rejected": "".join(lines[i] for i in order)})
+            rejected = _broken_order(prompt, body, rng)
+            if rejected is not None:
+                rows["dpo", split].append({"prompt": prompt, "chosen": body, "rejected": rejected})
     for (task, split), items in rows.items():
         (out / task).mkdir(parents=True, exist_ok=True)
         (out / task / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items))

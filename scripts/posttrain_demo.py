@@ -12,7 +12,7 @@ saw (the same file hash split as its pre-training data).
 2. SFT (`train.objective=sft`, prompt / completion pairs, packed): the held-out completion loss
    (nats per byte of the bodies) of the base and the SFT model, and samples of both (temperature 0.7, top-p 0.95, seed 0);
 3. DPO (`train.objective=dpo` from the SFT model): the real body preferred over the same lines in
-   another order; the held-out reward accuracy after each evaluation, and the held-out completion
+   an order that no longer compiles; the held-out reward accuracy after each evaluation, and the held-out completion
    loss of the DPO model beside the SFT model's; plain DPO and DPO + the chosen NLL
    (`dpo.sft_weight=1`, RPO).
 
@@ -44,9 +44,9 @@ BASE = [*SEQ, "data.batch_size=16", "train.steps=600", "train.eval_every=200", "
 # Evaluations cover the whole held-out split (train.eval_batches caps the full batches).
 SFT = ["train.objective=sft", "data.seq_len=320", "data.batch_size=16", "train.steps=300", "optim.lr=1e-3",
        "optim.warmup_steps=30", "train.eval_every=50", "train.eval_batches=1000", "train.save_every=300"]
-DPO = ["train.objective=dpo", "data.seq_len=320", "data.batch_size=8", "train.steps=300", "optim.lr=2e-4",
+DPO = ["train.objective=dpo", "data.seq_len=320", "data.batch_size=8", "train.steps=200", "optim.lr=2e-4",
        "optim.warmup_steps=20", "dpo.beta=0.1", "train.eval_every=25", "train.eval_batches=1000",
-       "train.save_every=300"]
+       "train.save_every=200"]
 RPO = [*DPO, "dpo.sft_weight=1.0"]
 
 

@@ -233,10 +233,16 @@ def test_docstring_tasks_are_real_functions_split_by_file(tmp_path):
     assert counts["sft_train"] > 1000 and counts["sft_validation"] > 50
     sft = [json.loads(x) for x in (tmp_path / "sft" / "validation.jsonl").read_text().splitlines()]
     dpo = [json.loads(x) for x in (tmp_path / "dpo" / "validation.jsonl").read_text().splitlines()]
-    for ex, pair in zip(sft, dpo):
-        assert ex["prompt"].lstrip().startswith(("def ", "async def ")) and len(ex["prompt"] + ex["completion"]) <= 320
-        assert pair["chosen"] == ex["completion"] != pair["rejected"]
+    assert counts["dpo_validation"] > 0.5 * counts["sft_validation"]
+    completions = {ex["prompt"]: ex["completion"] for ex in sft}
+    for pair in dpo:
+        assert pair["chosen"] == completions[pair["prompt"]] != pair["rejected"]
         assert sorted(pair["chosen"].splitlines()) == sorted(pair["rejected"].splitlines())  # same lines, reordered
+        compile(pair["prompt"] + pair["chosen"], "<chosen>", "exec")
+        with pytest.raises(SyntaxError):  # the rejected order is broken code
+            compile(pair["prompt"] + pair["rejected"], "<rejected>", "exec")
+    for ex in sft:
+        assert ex["prompt"].lstrip().startswith(("def ", "async def ")) and len(ex["prompt"] + ex["completion"]) <= 320
     parsed = 0
     for ex in sft:
         try:

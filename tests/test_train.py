@@ -323,3 +323,31 @@ def test_dpo_starts_at_log2_and_prefers_chosen(tmp_path, tiny_byte_model, method
     assert np.mean([x["reward_margin"] for x in last]) > 0 and np.mean([x["loss"] for x in last]) < math.log(2)
     val = [x for x in lines if "val_reward_accuracy" in x]
     assert {"val_reward_margin", "val_chosen_loss"} <= set(val[-1])
+
+
+def test_one_writer_per_workdir_and_a_dead_runs_lock_is_taken_over(corpus, tmp_path):
+    import socket
+
+    common = ["train.save_every=100000", "train.eval_every=0"]
+    proc = subprocess.Popen([sys.executable, "-m", "jaxlm.cli", "train",
+                             *args(corpus, tmp_path / "w", "train.steps=100000", *common)],
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (
+                (tmp_path / "w" / "metrics.jsonl").is_file()
+                and len((tmp_path / "w" / "metrics.jsonl").read_text().splitlines()) >= 2):
+            time.sleep(0.2)
+        second = run_cli(args(corpus, tmp_path / "w", "train.steps=5", *common))
+        assert second.returncode == 2, second.stderr
+        assert second.stderr.strip().splitlines()[-1] == (
+            f"jaxlm train: error: {tmp_path / 'w'} is in use by a running jaxlm train (host {socket.gethostname()} "
+            f"pid {proc.pid}); wait for it to finish, stop it, or use another train.workdir")
+        assert proc.poll() is None  # the running one goes on
+    finally:
+        proc.kill()  # SIGKILL: no chance to release; the kernel drops the lock
+        proc.wait()
+    third = run_cli(args(corpus, tmp_path / "w", "train.steps=3", *common))
+    assert third.returncode == 0, third.stderr
+    assert f"took over the workdir lock left by host {socket.gethostname()} pid {proc.pid}" in third.stderr
+    assert sorted(losses(tmp_path / "w")) == [1, 2, 3]

@@ -263,7 +263,7 @@ def loader(rows: PackedRows, *, batch_size: int, seed: int, shuffle: bool = True
     if batch_size % process_count:
         raise ValueError(f"data.batch_size={batch_size} is not divisible by {process_count} processes")
     if len(rows) < batch_size:
-        raise ValueError(f"the data holds {len(rows)} rows of {rows.seq_len} tokens, fewer than "
+        raise ValueError(f"the data holds {len(rows)} rows (data.seq_len={rows.seq_len}), fewer than "
                          f"data.batch_size={batch_size}; use more text or a smaller batch / seq_len")
     shards = EpochShards(rows, seed=seed, shuffle=shuffle, process_index=process_index,
                          process_count=process_count)

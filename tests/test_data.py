@@ -65,5 +65,5 @@ def test_resumed_iterator_yields_the_same_rows():
 
 
 def test_too_little_data_is_named():
-    with pytest.raises(ValueError, match="the data holds 3 rows of 9 tokens, fewer than data.batch_size=8"):
+    with pytest.raises(ValueError, match=r"the data holds 3 rows \(data.seq_len=8\), fewer than data.batch_size=8"):
         loader(PackedRows(np.arange(30), 8), batch_size=8, seed=0)

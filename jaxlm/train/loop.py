@@ -15,7 +15,6 @@ from typing import Callable, Iterator
 import jax
 
 from jaxlm.config import Config
-from jaxlm.io.lock import WorkdirLock
 from jaxlm.train.hooks import (Hook, MetricsLog, Preemption, Progress, StepInfo, checkpoint_hook, eval_hook,
                                nan_stop, pruning_hook)
 from jaxlm.train.setup import Run, setup
@@ -103,20 +102,7 @@ def train(cfg: Config, *, log=None, hooks=()) -> dict:
         log = lambda msg: None  # noqa: E731
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     t_start = time.perf_counter()
-    lock = None
-    if jax.process_index() == 0:  # one writer per workdir (the other processes of this run write nothing it guards)
-        lock = WorkdirLock(cfg.with_absolute_paths().train.workdir)
-        if lock.taken_over:
-            log(f"took over the workdir lock left by {lock.taken_over} (no longer running)")
-    try:
-        return _train(cfg, log, hooks, t_start)
-    finally:
-        if lock is not None:
-            lock.release()
-
-
-def _train(cfg: Config, log, hooks, t_start: float) -> dict:
-    run = setup(cfg, log)
+    run = setup(cfg, log, lock_workdir=True)  # one writer per workdir
     trainer = Trainer(run)
     metrics_log = MetricsLog(run)
     preemption = Preemption(trainer.request_stop)
@@ -138,6 +124,8 @@ def _train(cfg: Config, log, hooks, t_start: float) -> dict:
         run.checkpoints.close()
         metrics_log.close()
         preemption.close()
+        if run.lock is not None:
+            run.lock.release()
     log(f"done in {time.perf_counter() - t_start:.0f}s: {run.workdir}")
     return last
 

@@ -27,6 +27,7 @@ from jaxlm.config import CHECKPOINT_FIELDS, Config, ModelConfig
 from jaxlm.data import loader, packed_rows
 from jaxlm.io import TrainCheckpoints
 from jaxlm.instruct import chat_template, example_rows
+from jaxlm.io.lock import WorkdirLock
 from jaxlm.io.read import read_base
 from jaxlm.optim import make_optimizer, schedule
 from jaxlm.sharding import (batch_sharding, check_batch_fits, check_model_fits, like_params, make_mesh,
@@ -57,6 +58,7 @@ class Run:
     checkpoints: TrainCheckpoints
     start: int  # the step the run resumes after (0: a fresh run)
     masks: dict | None = None  # pruning masks, re-applied after every update
+    lock: Any = None  # the WorkdirLock held for this run (setup(lock_workdir=True), process 0)
 
     @property
     def total(self) -> int:
@@ -90,8 +92,10 @@ def data_tokenizer(data_cfg) -> Tokenizer:
     return tok
 
 
-def setup(cfg: Config, log) -> Run:
-    """Build (or restore) everything a run of ``cfg`` needs; see the module docstring."""
+def setup(cfg: Config, log, *, lock_workdir: bool = False) -> Run:
+    """Build (or restore) everything a run of ``cfg`` needs; see the module docstring.
+    ``lock_workdir``: hold the workdir (``WorkdirLock``, process 0) once the checks pass, before
+    anything is written; ``Run.lock`` is released by the caller."""
     cfg = cfg.with_absolute_paths()  # a run's config.json refers to other models from any directory
     cfg, base_params, tokenizer = _model_and_tokenizer(cfg, log)
     cfg, class_rows = _labels(cfg, tokenizer, log)
@@ -104,6 +108,24 @@ def setup(cfg: Config, log) -> Run:
     mesh = make_mesh(cfg.mesh)
     check_model_fits(cfg.model, mesh)
     check_batch_fits(cfg.data.batch_size, mesh, cfg.optim.grad_accum)
+    lock = None
+    if lock_workdir and jax.process_index() == 0:  # the other processes of this run write nothing it guards
+        lock = WorkdirLock(cfg.train.workdir)
+        if lock.taken_over:
+            log(f"took over the workdir lock left by {lock.taken_over} (no longer running)")
+    try:
+        run = _build(cfg, log, base_params, tokenizer, class_rows, template, mesh)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    run.lock = lock
+    return run
+
+
+def _build(cfg: Config, log, base_params, tokenizer, class_rows, template, mesh) -> Run:
+    """setup() past the checks: data, state, steps, and the checkpoint to resume from."""
+    objective = cfg.train.objective
     teacher = _teacher(cfg, mesh, log) if cfg.train.objective == "distill" else None
     pi, pc = jax.process_index(), jax.process_count()
     if pc > 1:

@@ -41,6 +41,21 @@ def test_missing_and_empty_sources(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("damage", ["truncated", "header_size", "header_json"])
+def test_damaged_safetensors_named_in_one_line_and_no_output(hf_dir, tmp_path, damage):
+    """safetensors checks its header and that the tensors cover the file exactly; jaxlm names the
+    file in one line (a flipped byte inside a tensor has no checksum to fail: not detectable)."""
+    src = tmp_path / "src"
+    shutil.copytree(hf_dir("GPT2LMHeadModel"), src)
+    f = src / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes({"truncated": data[:len(data) // 2], "header_size": b"\xff" * 8 + data[8:],
+                   "header_json": data[:12] + b"#" + data[13:]}[damage])
+    for argv in (("convert", src, tmp_path / "out"), ("generate", src, "--prompt", "a")):
+        assert_one_line_error(jaxlm_cmd(*argv), rf"{re.escape(str(f))} is damaged or not a safetensors file")
+    assert not (tmp_path / "out").exists()
+
+
 def test_unsupported_architecture_names_supported_ones(tmp_path):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "falcon", "architectures": ["FalconForCausalLM"]}))

@@ -9,12 +9,13 @@ most ``max_shard_size`` bytes, and the index transformers reads, computing one t
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from jaxlm.config import ModelConfig
 from jaxlm.io.hf.common import BUFFERS
@@ -50,7 +51,7 @@ class HFWeights:
         self._torch_state = None
         for path in hf_weight_files(src):
             if path.suffix == ".safetensors":
-                with safe_open(str(path), framework="np") as f:
+                with _opened(path) as f:
                     self._where.update(dict.fromkeys(f.keys(), path))
             else:
                 self._where.update(dict.fromkeys(self._load_torch(path), path))
@@ -62,7 +63,10 @@ class HFWeights:
             raise RuntimeError(
                 f"{path.name} is a PyTorch pickle and torch is not installed; "
                 "install jaxlm[hf] or save the model as safetensors") from None
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # torch raises RuntimeError / UnpicklingError / EOFError on damaged files
+            raise ValueError(f"{path} is damaged or not a PyTorch checkpoint ({str(e).splitlines()[0]})") from None
         self._torch_state = {**(self._torch_state or {}), **state}
         self._int16 = torch.int16
         return list(state)
@@ -77,8 +81,24 @@ class HFWeights:
             if str(t.dtype) == "torch.bfloat16":  # numpy has no bfloat16: move the bits
                 return t.view(dtype=self._int16).numpy().view(ml_dtypes.bfloat16)
             return t.numpy()
-        with safe_open(str(path), framework="np") as f:
-            return f.get_tensor(name)
+        with _opened(path) as f:
+            try:
+                return f.get_tensor(name)
+            except SafetensorError as e:
+                raise ValueError(f"{path} is damaged: tensor {name} cannot be read ({e})") from None
+
+
+@contextlib.contextmanager
+def _opened(path: Path):
+    """safe_open(path), with a damaged file (truncated, a broken header) named in one line.
+    safetensors checks the header and that the tensors cover the file exactly; it keeps no checksum
+    of the data, so a flipped byte inside a tensor goes unnoticed (as in transformers)."""
+    try:
+        f = safe_open(str(path), framework="np")
+    except SafetensorError as e:
+        raise ValueError(f"{path} is damaged or not a safetensors file ({e})") from None
+    with f:
+        yield f
 
 
 def flatten(tree, prefix=""):

@@ -514,14 +514,50 @@ def _absolute(path: str, *, pattern: bool = False, always: bool = False) -> str:
 
 
 def _section(cls, name, values: dict):
-    fields = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name: f.type for f in dataclasses.fields(cls)}
+    values = dict(values)
     for k, v in values.items():
         if k not in fields:
             raise ValueError(f"unknown config key {name}.{k}" + closest(k, fields).replace("'", f"'{name}.", 1))
+        values[k] = v = typed(f"{name}.{k}", v, fields[k])
         allowed = _TRAIN_CHOICES.get((name, k))
         if allowed and v not in allowed:
             raise ValueError(f"{name}.{k}={v!r} is not one of {', '.join(allowed)}" + closest(str(v), allowed))
     return cls(**values)
+
+
+def typed(name: str, value, annotation: str):
+    """``value`` as the field's declared type ("int", "float | None", "tuple[str, ...]", ...): ints
+    pass as floats, numbers as strings; anything else is a ValueError naming the key."""
+    kinds = [k.strip() for k in str(annotation).split("|")]
+    if value is None and "None" in kinds:
+        return None
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    for kind in kinds:
+        if kind == "bool" and isinstance(value, bool):
+            return value
+        if kind == "int" and number and float(value).is_integer():
+            return int(value)
+        if kind == "float" and number:
+            return float(value)
+        if kind == "str" and (isinstance(value, str) or number):
+            return str(value)
+        if kind.startswith("tuple") and (isinstance(value, str) or (isinstance(value, (list, tuple))
+                                                                   and all(isinstance(x, str) for x in value))):
+            return value
+    want = " or ".join("a comma-separated list" if k.startswith("tuple") else
+                       {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
+                        "None": "null"}.get(k, k) for k in kinds)
+    raise ValueError(f"{name}={value!r} must be {want}")
+
+
+def _field_types() -> dict:
+    sections = {f.name: f.type for f in dataclasses.fields(Config)}
+    sections["model"] = "ModelConfig"
+    classes = {"ModelConfig": ModelConfig, **{c.__name__: c for c in (DataConfig, OptimConfig, TrainConfig, MeshConfig,
+                                                                      AdaptConfig, PruneConfig, DistillConfig,
+                                                                      DPOConfig)}}
+    return {(name, f.name): f.type for name, cls in sections.items() for f in dataclasses.fields(classes[cls])}
 
 
 class _Loader(yaml.SafeLoader):
@@ -537,8 +573,22 @@ def _yaml_load(text: str):
     return yaml.load(text, Loader=_Loader)
 
 
-def _parse_value(text: str):
-    return _yaml_load(text) if text != "" else ""
+def _parse_value(text: str, annotation: str = ""):
+    """An override's text as YAML (numbers, booleans, null, lists), except for plain string fields,
+    which take the text as written (``data.path=yes`` is the file "yes", not True; ``null`` is None
+    where the field allows it); text that is
+    not valid YAML stays a string, for the field's type check to judge."""
+    if annotation == "str | None" and text in ("null", "Null", "NULL", "~", "None"):
+        return None
+    if text == "" or annotation in ("str", "str | None"):
+        return text
+    try:
+        return _yaml_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+_FIELD_TYPES = _field_types()  # (section, field) -> declared type, for parsing overrides
 
 
 def load_config(path=None, overrides=()) -> Config:
@@ -563,19 +613,22 @@ def load_config(path=None, overrides=()) -> Config:
             raw["model"] = {**({} if not isinstance(raw["model"], dict) else raw["model"]), "preset": text}
             continue
         if not field:
-            raise ValueError(f"override {item!r} must name a field: {section}.FIELD=VALUE")
+            raise ValueError(f"override {item!r} must name a field: SECTION.FIELD=VALUE (e.g. train.steps=100)")
         raw.setdefault(section, {})
         if not isinstance(raw[section], dict):
             raise ValueError(f"unknown config section {section!r}")
-        raw[section][field] = _parse_value(text)
+        raw[section][field] = _parse_value(text, _FIELD_TYPES.get((section, field), ""))
     model = raw.pop("model", None)
     if isinstance(model, str):
         model = {"preset": model}
     model = dict(model or {})
     preset = model.pop("preset", None) or "gpt2-tiny"
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    if not isinstance(preset, str):
+        raise ValueError(f"model={preset!r} must be a preset name: {', '.join(PRESETS)}")
+    fields = {f.name: f.type for f in dataclasses.fields(ModelConfig)}
     for k in model:
         if k not in fields:
             raise ValueError(f"unknown config key model.{k}" + closest(k, fields).replace("'", "'model.", 1))
+        model[k] = typed(f"model.{k}", model[k], fields[k])
     cfg = Config.from_dict({k: v for k, v in raw.items()})
     return dataclasses.replace(cfg, model=ModelConfig.preset(preset, **model))

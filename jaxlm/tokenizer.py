@@ -57,6 +57,22 @@ class _SpecialIds:
         return tuple(dict.fromkeys(i for i in ids if i is not None))
 
 
+def not_unicode(e: UnicodeEncodeError) -> ValueError:
+    return ValueError(f"the text is not valid Unicode: position {e.start} holds {e.object[e.start]!r} "
+                      "(a lone surrogate; decode bytes with errors='replace' or 'surrogatepass' first)")
+
+
+def check_unicode(texts) -> None:
+    """A ValueError naming the first character of ``texts`` that UTF-8 cannot encode."""
+    for t in texts:
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise not_unicode(e) from None
+        except AttributeError:
+            raise ValueError(f"text to encode must be a string, not {type(t).__name__}") from None
+
+
 class ByteTokenizer(_SpecialIds):
     """UTF-8 bytes as ids 0..255, then <eos>=256, <pad>=257 and <mask>=258. Needs no files."""
 
@@ -69,7 +85,10 @@ class ByteTokenizer(_SpecialIds):
     special_tokens = {"eos_token": "<eos>", "pad_token": "<pad>", "mask_token": "<mask>"}
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        ids = list(text.encode("utf-8"))
+        try:
+            ids = list(text.encode("utf-8"))
+        except UnicodeEncodeError as e:
+            raise not_unicode(e) from None
         return ids + [self.eos_id] if add_special_tokens else ids
 
     def encode_batch(self, texts, add_special_tokens: bool = False) -> list[list[int]]:
@@ -131,12 +150,21 @@ class HFTokenizer(_SpecialIds):
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids, with the model's special tokens (e.g. BERT's [CLS] ... [SEP]) by default."""
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        try:
+            return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        except TypeError:  # tokenizers: "TextInputSequence must be str" for text with lone surrogates
+            check_unicode([text])
+            raise
 
     def encode_batch(self, texts, add_special_tokens: bool = False) -> list[list[int]]:
         """Ids of many texts, encoded in parallel by ``tokenizers``; no special tokens by default
         (documents inside packed training data)."""
-        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
+        texts = list(texts)
+        try:
+            return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
+        except TypeError:
+            check_unicode(texts)
+            raise
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)

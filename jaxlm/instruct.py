@@ -8,8 +8,9 @@ their file and line (``data.val_fraction``):
 - sft: ``{"messages": [{"role": ..., "content": ...}, ...]}`` (the OpenAI chat format) or
   ``{"prompt": str, "completion": str}``.
 - dpo: ``{"prompt": str, "chosen": str, "rejected": str}``; or ``prompt`` as a list of messages and
-  ``chosen`` / ``rejected`` as a string or a list of (assistant) messages each; or only ``chosen``
-  and ``rejected`` as whole conversations (their common first messages are the prompt).
+  ``chosen`` / ``rejected`` as a string or a list of (assistant) messages each; or ``chosen`` and
+  ``rejected`` as whole conversations (their common first messages are the prompt; a ``prompt``
+  beside them is ignored).
 
 Chat messages are rendered with the chat template (``data.chat_template``, else the tokenizer's
 own) piece by piece: for each assistant turn, the text up to it (with the generation prompt) is
@@ -150,18 +151,22 @@ class Renderer:
             raise ExampleError(f"{where}: a dpo example needs \"chosen\" and \"rejected\" (and \"prompt\", unless "
                                f"both are whole conversations); it lacks {', '.join(map(repr, missing))}")
         prompt, out = ex.get("prompt"), []
-        if isinstance(prompt, str) and all(isinstance(ex[k], str) for k in ("chosen", "rejected")):
+        c, r = ex["chosen"], ex["rejected"]
+        if isinstance(prompt, str) and isinstance(c, str) and isinstance(r, str):
             return tuple(self.encode([(prompt, False), (ex[k], True)]) for k in ("chosen", "rejected"))
-        if prompt is None:  # whole conversations: the common first messages are the prompt
-            c, r = ex["chosen"], ex["rejected"]
-            if not (isinstance(c, list) and isinstance(r, list)):
-                raise ExampleError(f"{where}: without \"prompt\", \"chosen\" and \"rejected\" must be message lists")
+        if isinstance(c, list) and isinstance(r, list) and (
+                prompt is None or isinstance(prompt, str) or (c[:len(prompt)] == prompt == r[:len(prompt)])):
+            # Whole conversations (a string prompt is their first user turn, as in UltraFeedback):
+            # the common first messages are the prompt.
             n = 0
             while n < min(len(c), len(r)) and c[n] == r[n]:
                 n += 1
             return self.encode(self.chat_pieces(c, where, n)), self.encode(self.chat_pieces(r, where, n))
+        if prompt is None:
+            raise ExampleError(f"{where}: without \"prompt\", \"chosen\" and \"rejected\" must be message lists")
         if not isinstance(prompt, list):
-            raise ExampleError(f"{where}: \"prompt\" must be a string or a list of messages")
+            raise ExampleError(f"{where}: with a string \"prompt\", \"chosen\" and \"rejected\" must both be strings "
+                               "or both whole conversations (message lists)")
         for k in ("chosen", "rejected"):
             v = ex[k]
             response = [{"role": "assistant", "content": v}] if isinstance(v, str) else v

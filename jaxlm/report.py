@@ -88,8 +88,9 @@ def evaluate_model(model_path, overrides=(), *, split: str = "validation", batch
     else:
         rows = packed_rows(cfg.data, split, tokenizer)
         n = min(batches, max(1, len(rows) // cfg.data.batch_size))
+    segments = cfg.data.packing == "segments" and objective in ("clm", "mlm")
     spec = StepSpec(objective, seed=cfg.train.seed, mask_id=tokenizer.mask_id, special_ids=tokenizer.special_ids,
-                    mlm_prob=cfg.train.mlm_prob)
+                    mlm_prob=cfg.train.mlm_prob, segments_eos=tokenizer.eos_id if segments else None)
     sharding = None if mesh is None else batch_sharding(mesh)
     totals = evaluate(make_eval_step(lm.graphdef, spec), lm.params, rows, batch_size=cfg.data.batch_size,
                       batches=n, to_device=lambda local: jax.device_put(local, sharding))

@@ -253,3 +253,28 @@ def test_docstring_tasks_are_real_functions_split_by_file(tmp_path):
     assert parsed >= 0.95 * len(sft)
     train_prompts = {json.loads(x)["prompt"] for x in (tmp_path / "sft" / "train.jsonl").read_text().splitlines()}
     assert len(train_prompts & {ex["prompt"] for ex in sft}) < 0.1 * len(sft)  # held-out files, few shared defs
+
+
+def test_soft_prompt_models_train_on_padded_rows(tmp_path):
+    """Prompt tuning cannot pack (examples would share the prompt): with data.packing=pad the row's
+    segment ids act as its padding mask, and the loss is each example's alone, prompt included."""
+    examples = [{"prompt": "q%d " % i * (i + 1), "completion": "a%d" % i} for i in range(5)]
+    data = DataConfig(path=write_jsonl(tmp_path / "sft.jsonl", examples), seq_len=32, val_fraction=0.0,
+                      packing="pad")
+    rows = example_rows(data, "train", ByteTokenizer(), "sft")
+    model = build_model(CONFIGS["gpt2"].replace(prompt_length=3))
+    total, count, _ = loss_sums(model, {k: jnp.asarray(v) for k, v in rows.arrays.items()}, StepSpec("sft"))
+    renderer = Renderer(ByteTokenizer(), None)
+    want = sum((nll64(model, ids) * learn[1:]).sum() for ids, learn in (renderer.sft(ex, "") for ex in examples[:-1]))
+    np.testing.assert_allclose(float(total), want, rtol=1e-5)
+
+
+def test_dpo_whole_conversations_with_a_string_prompt():
+    """The UltraFeedback layout: "prompt" a string, "chosen" / "rejected" whole conversations."""
+    r = Renderer(ByteTokenizer(), TEMPLATE)
+    user = {"role": "user", "content": "2+2?"}
+    (c_ids, c_learn), (r_ids, r_learn) = r.dpo({"prompt": "2+2?", "chosen": [user, {"role": "assistant", "content": "4"}],
+                                                "rejected": [user, {"role": "assistant", "content": "5"}]}, "x line 1")
+    tok = ByteTokenizer()
+    assert tok.decode(c_ids[c_learn]) == "4<|end|>\n" and tok.decode(r_ids[r_learn]) == "5<|end|>\n"
+    assert tok.decode(c_ids[~c_learn]) == "<|user|>2+2?<|end|>\n<|assistant|>"

@@ -351,3 +351,16 @@ def test_one_writer_per_workdir_and_a_dead_runs_lock_is_taken_over(corpus, tmp_p
     assert third.returncode == 0, third.stderr
     assert f"took over the workdir lock left by host {socket.gethostname()} pid {proc.pid}" in third.stderr
     assert sorted(losses(tmp_path / "w")) == [1, 2, 3]
+
+
+def test_workdir_lock_is_released_when_training_fails(corpus, tmp_path):
+    from jaxlm.io.lock import WorkdirLock
+    from jaxlm.train import Hook
+
+    def boom(info):
+        raise RuntimeError("a hook failed")
+
+    cfg = load_config(None, args(corpus, tmp_path / "w", "train.steps=3", "train.eval_every=0"))
+    with pytest.raises(RuntimeError, match="a hook failed"):
+        train(cfg, log=lambda m: None, hooks=[Hook(boom, every=1)])
+    WorkdirLock(tmp_path / "w").release()  # free again: a later run in this process may take it

@@ -57,10 +57,13 @@ def attention_mse(student_maps, teacher_maps, pairs):
     return jnp.mean(jnp.stack(errs))
 
 
-def check_teacher(student_config, teacher_config) -> None:
+def check_teacher(student_config, teacher_config, role: str = "teacher") -> None:
+    """A second model that scores the same tokens (distill's teacher, dpo's reference): same
+    vocabulary, same kind (decoder or encoder)."""
+    model = "student" if role == "teacher" else "model"
     if teacher_config.vocab_size != student_config.vocab_size:
-        raise ValueError(f"the teacher's vocabulary has {teacher_config.vocab_size} tokens but the student's "
-                         f"{student_config.vocab_size}; distillation needs the same tokenizer")
+        raise ValueError(f"the {role}'s vocabulary has {teacher_config.vocab_size} tokens but the {model}'s "
+                         f"{student_config.vocab_size}; it needs the same tokenizer")
     if teacher_config.causal != student_config.causal:
-        raise ValueError(f"teacher ({teacher_config.arch}) and student ({student_config.arch}) must both be "
+        raise ValueError(f"the {role} ({teacher_config.arch}) and the {model} ({student_config.arch}) must both be "
                          "decoders or both encoders")

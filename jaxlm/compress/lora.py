@@ -20,7 +20,7 @@ def is_adapter(path) -> bool:
 def adapters_off(params):
     """``params`` with every adapter zero: the base model's outputs (B A x = 0), e.g. DPO's
     reference under LoRA without a second copy of the weights."""
-    return {k: adapters_off(v) if isinstance(v, dict) else (jnp.zeros_like(v) if k in ("lora_a", "lora_b") else v)
+    return {k: adapters_off(v) if isinstance(v, dict) else (jnp.zeros_like(v) if is_adapter((k,)) else v)
             for k, v in params.items()}
 
 

@@ -30,8 +30,10 @@ class WorkdirLock:
         previous = self._file.read().strip()
         try:
             fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except OSError as e:
             self._file.close()
+            if not isinstance(e, BlockingIOError):
+                raise
             raise WorkdirBusy(f"{workdir} is in use by a running jaxlm train ({previous or 'holder unknown'}); "
                               "wait for it to finish, stop it, or use another train.workdir") from None
         # Ours now: whatever the file says is a holder that ended without releasing it.

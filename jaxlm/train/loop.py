@@ -103,6 +103,16 @@ def train(cfg: Config, *, log=None, hooks=()) -> dict:
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     t_start = time.perf_counter()
     run = setup(cfg, log, lock_workdir=True)  # one writer per workdir
+    try:
+        last = _run(run, hooks)
+    finally:
+        if run.lock is not None:
+            run.lock.release()
+    log(f"done in {time.perf_counter() - t_start:.0f}s: {run.workdir}")
+    return last
+
+
+def _run(run: Run, hooks) -> dict:
     trainer = Trainer(run)
     metrics_log = MetricsLog(run)
     preemption = Preemption(trainer.request_stop)
@@ -124,8 +134,5 @@ def train(cfg: Config, *, log=None, hooks=()) -> dict:
         run.checkpoints.close()
         metrics_log.close()
         preemption.close()
-        if run.lock is not None:
-            run.lock.release()
-    log(f"done in {time.perf_counter() - t_start:.0f}s: {run.workdir}")
     return last
 

@@ -63,11 +63,20 @@ def segments_from_eos(inputs, eos: int):
     return jnp.cumsum(inputs == eos, axis=1, dtype=jnp.int32) + 1
 
 
+def forward(model, inputs, segments, key=None):
+    """Logits of rows with segment ids. A soft-prompted model cannot isolate packed examples (they
+    would share the prompt), so its rows hold one example each (data.packing=pad) and the segment
+    ids serve as the padding mask."""
+    if model.config.prompt_length:
+        return model(inputs, segments > 0, key=key)
+    return model(inputs, key=key, segment_ids=segments)
+
+
 def sequence_logps(model, rows):
     """(sum of log p over weighted tokens, their NLL sum, their count), each [B, 2], of DPO pairs:
     rows {"inputs", "targets", "weights", "segments"} of [B, 2, T] (chosen, rejected)."""
     flat = {k: v.reshape(-1, v.shape[-1]) for k, v in rows.items()}
-    nll, _ = token_nll(model(flat["inputs"], segment_ids=flat["segments"]), flat["targets"])
+    nll, _ = token_nll(forward(model, flat["inputs"], flat["segments"]), flat["targets"])
     w = flat["weights"].astype(jnp.float32)
     shape = rows["weights"].shape[:2]
     s = (nll * w).sum(-1).reshape(shape)
@@ -100,7 +109,7 @@ def loss_sums(model, rows, spec: StepSpec, *, key=None, mask_key=None, teacher=N
     rows: [B, T + 1] token rows (clm, mlm, distill); {"inputs", "targets", "weights", "segments"}
     of [B, T] (sft: loss on weighted tokens only, examples packed by segment) or [B, 2, T] (dpo,
     with the frozen ``reference`` model); {"ids", "mask", "label"} (classify). ``key`` turns dropout
-    on; ``mask_key`` draws the MLM masks. The token loss is the NLL of the true token, or with
+    on (not under dpo, whose sequence log-probs are compared with the reference's without dropout); ``mask_key`` draws the MLM masks. The token loss is the NLL of the true token, or with
     ``teacher`` (a model, objective=distill) the distillation loss; the attention term is added as
     its mean times the number of scored tokens.
     """
@@ -130,7 +139,7 @@ def loss_sums(model, rows, spec: StepSpec, *, key=None, mask_key=None, teacher=N
     extra = 0.0
     if teacher is None:
         # nll = logsumexp - target logit (argmax is slow on CPU: "correct" compares with the max).
-        logits = model(inputs, key=key, segment_ids=segments)
+        logits = model(inputs, key=key) if segments is None else forward(model, inputs, segments, key)
         per_token, target_logit = token_nll(logits, targets)
     else:
         seg = dict(segment_ids=segments)

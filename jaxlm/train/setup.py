@@ -101,7 +101,7 @@ def setup(cfg: Config, log, *, lock_workdir: bool = False) -> Run:
     cfg, class_rows = _labels(cfg, tokenizer, log)
     _check(cfg, tokenizer)
     objective = cfg.train.objective
-    template = chat_template(cfg.data, tokenizer) if objective in ("sft", "dpo") else None
+    template = chat_template(cfg.data, tokenizer) if objective in ("sft", "dpo") or cfg.data.chat_template else None
     if cfg.data.chat_template:  # saved with the run: jaxlm serve renders chats as they were trained
         tokenizer = with_chat_template(tokenizer, template)
     # Mesh and shape checks come first: a bad mesh fails in one line, before anything compiles.
@@ -263,9 +263,8 @@ def _reference(cfg: Config, model_cfg: ModelConfig, mesh, graphdef, params, froz
     from a base without adapters (the reference is then the model with its adapters off)."""
     if cfg.dpo.reference:
         r_cfg, r_params, _ = read_base(cfg.dpo.reference, "dpo.reference")
-        if r_cfg.vocab_size != model_cfg.vocab_size:
-            raise ValueError(f"dpo.reference={cfg.dpo.reference} has a vocabulary of {r_cfg.vocab_size} tokens, "
-                             f"the model {model_cfg.vocab_size}; the reference must share the tokenizer")
+        check_teacher(model_cfg, r_cfg, "dpo.reference")
+        check_seq_len(cfg.data.seq_len, r_cfg.context)
         r_cfg = r_cfg.replace(dtype=cfg.train.dtype, scan_layers=model_cfg.scan_layers)
         check_model_fits(r_cfg, mesh)
         log(f"dpo: reference {cfg.dpo.reference}, beta {cfg.dpo.beta}")

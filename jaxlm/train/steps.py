@@ -18,7 +18,7 @@ from jaxlm.compress.lora import adapters_off
 from jaxlm.compress.prune import apply_masks
 from jaxlm.train.objectives import StepSpec, loss_sums
 
-def reference_model(spec: StepSpec, graphdef, full_params, fixed_graphdef, fixed_params):
+def reference_model(graphdef, full_params, fixed_graphdef, fixed_params):
     """objective=dpo: the frozen reference: a model of its own (``fixed_params``), or, under LoRA,
     this model with its adapters off (no second copy of the weights)."""
     if fixed_params is not None:
@@ -56,7 +56,7 @@ def make_train_step(graphdef, tx, spec: StepSpec, lr_fn, *, dropout: bool = True
             full = params if frozen is None else tree.merge(params, frozen)
             reference = None
             if spec.objective == "dpo":
-                reference = reference_model(spec, graphdef, full, fixed_graphdef, fixed_params)
+                reference = reference_model(graphdef, full, fixed_graphdef, fixed_params)
             s, n, stats = loss_sums(nnx.merge(graphdef, full), rows, spec, key=k_drop if dropout else None,
                                     mask_key=k_mask, teacher=teacher, reference=reference)
             return s, (n, stats)
@@ -105,7 +105,7 @@ def make_eval_step(graphdef, spec: StepSpec, fixed_graphdef=None):
             return (*loss_sums(model, batch, spec), confusion)
         reference = None
         if spec.objective == "dpo":
-            reference = reference_model(spec, graphdef, params, fixed_graphdef, fixed_params)
+            reference = reference_model(graphdef, params, fixed_graphdef, fixed_params)
         return loss_sums(model, batch, spec, mask_key=mask_key, reference=reference)
 
     return jax.jit(step)

@@ -63,10 +63,12 @@ def segments_from_eos(inputs, eos: int):
     return jnp.cumsum(inputs == eos, axis=1, dtype=jnp.int32) + 1
 
 
-def forward(model, inputs, segments, key=None):
-    """Logits of rows with segment ids. A soft-prompted model cannot isolate packed examples (they
-    would share the prompt), so its rows hold one example each (data.packing=pad) and the segment
-    ids serve as the padding mask."""
+def forward(model, inputs, segments=None, key=None):
+    """Logits of rows, with segment ids when examples are packed. A soft-prompted model cannot
+    isolate packed examples (they would share the prompt), so its rows hold one example each
+    (data.packing=pad) and the segment ids serve as the padding mask."""
+    if segments is None:
+        return model(inputs, key=key)
     if model.config.prompt_length:
         return model(inputs, segments > 0, key=key)
     return model(inputs, key=key, segment_ids=segments)
@@ -109,14 +111,14 @@ def loss_sums(model, rows, spec: StepSpec, *, key=None, mask_key=None, teacher=N
     rows: [B, T + 1] token rows (clm, mlm, distill); {"inputs", "targets", "weights", "segments"}
     of [B, T] (sft: loss on weighted tokens only, examples packed by segment) or [B, 2, T] (dpo,
     with the frozen ``reference`` model); {"ids", "mask", "label"} (classify). ``key`` turns dropout
-    on (not under dpo, whose sequence log-probs are compared with the reference's without dropout); ``mask_key`` draws the MLM masks. The token loss is the NLL of the true token, or with
+    on (not under dpo: its sequence log-probs are compared with the reference's without dropout);
+    ``mask_key`` draws the MLM masks. The token loss is the NLL of the true token, or with
     ``teacher`` (a model, objective=distill) the distillation loss; the attention term is added as
     its mean times the number of scored tokens.
     """
     if spec.objective == "classify":  # rows: {"ids", "mask": [B, T], "label": [B]}
         logits = model(rows["ids"], rows["mask"], key=key)  # [B, C]
-        target_logit = jnp.take_along_axis(logits, rows["label"][:, None], axis=-1)[:, 0]
-        nll = jax.nn.logsumexp(logits, axis=-1) - target_logit
+        nll, target_logit = token_nll(logits, rows["label"])
         correct = (target_logit >= jax.lax.stop_gradient(logits.max(-1))).astype(jnp.float32)
         n = jnp.float32(nll.shape[0])
         return nll.sum(), n, {"accuracy": (correct.sum(), n)}
@@ -139,7 +141,7 @@ def loss_sums(model, rows, spec: StepSpec, *, key=None, mask_key=None, teacher=N
     extra = 0.0
     if teacher is None:
         # nll = logsumexp - target logit (argmax is slow on CPU: "correct" compares with the max).
-        logits = model(inputs, key=key) if segments is None else forward(model, inputs, segments, key)
+        logits = forward(model, inputs, segments, key)
         per_token, target_logit = token_nll(logits, targets)
     else:
         seg = dict(segment_ids=segments)

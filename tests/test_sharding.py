@@ -76,27 +76,48 @@ def small_corpus(tmp_path_factory):
     return stdlib_slice(tmp_path_factory.mktemp("corpus"))
 
 
-@pytest.mark.parametrize("preset, objective", [("gpt2-tiny", "clm"), ("bert-tiny", "mlm")])
-def test_training_on_meshes_matches_one_device(small_corpus, tmp_path, preset, objective):
-    import json
+def _train_argv(corpus, preset, objective, shape, workdir):
+    return [f"model={preset}", "model.vocab_size=259", "model.d_model=32", "model.n_layers=2", "model.n_heads=4",
+            "model.max_len=32", "model.dropout=0", "model.attention_dropout=0", "data.seq_len=32",
+            "data.batch_size=8", f"data.path={corpus / 'text'}", f"data.data_dir={corpus / 'cache'}",
+            f"train.objective={objective}", "train.steps=8", "train.eval_every=0", "train.save_every=4",
+            f"train.workdir={workdir}", f"mesh.data={shape[0]}", f"mesh.fsdp={shape[1]}", f"mesh.tensor={shape[2]}"]
 
+
+@pytest.fixture(scope="module")
+def trained(small_corpus, tmp_path_factory):
+    """trained(preset, objective, shape) -> workdir of an 8-step run on that mesh, saved at steps 4 and
+    8 (one run per module: the (2, 2, 2) GPT-2 run serves both the mesh and the resume test). Read only."""
     from jaxlm.config import load_config
     from jaxlm.train import train
 
-    def run(shape):
-        w = tmp_path / f"{preset}-{'x'.join(map(str, shape))}"
-        argv = [f"model={preset}", "model.vocab_size=259", "model.d_model=32", "model.n_layers=2",
-                "model.n_heads=4", "model.max_len=32", "model.dropout=0", "model.attention_dropout=0",
-                "data.seq_len=32", "data.batch_size=8", f"data.path={small_corpus / 'text'}",
-                f"data.data_dir={small_corpus / 'cache'}", f"train.objective={objective}", "train.steps=5",
-                "train.eval_every=0", "train.save_every=5", f"train.workdir={w}",
-                f"mesh.data={shape[0]}", f"mesh.fsdp={shape[1]}", f"mesh.tensor={shape[2]}"]
-        train(load_config(None, argv), log=lambda m: None)
-        return [json.loads(x)["loss"] for x in open(w / "metrics.jsonl")]
+    cache = {}
 
-    base = run((1, 1, 1))  # one device
-    for shape in [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)]:
-        np.testing.assert_allclose(run(shape), base, rtol=1e-5)
+    def run(preset, objective, shape):
+        key = (preset, objective, tuple(shape))
+        if key not in cache:
+            w = tmp_path_factory.mktemp(f"{preset}-{'x'.join(map(str, shape))}")
+            train(load_config(None, _train_argv(small_corpus, preset, objective, shape, w)), log=lambda m: None)
+            cache[key] = w
+        return cache[key]
+
+    return run
+
+
+def _losses(workdir):
+    import json
+
+    return [json.loads(x)["loss"] for x in open(workdir / "metrics.jsonl")]
+
+
+# Each mesh shape is checked with one of the two models (the forward test above has every pair).
+@pytest.mark.parametrize("preset, objective, shapes", [("gpt2-tiny", "clm", [(2, 2, 2), (1, 8, 1)]),
+                                                       ("bert-tiny", "mlm", [(8, 1, 1), (1, 2, 4)])])
+def test_training_on_meshes_matches_one_device(trained, preset, objective, shapes):
+    base = _losses(trained(preset, objective, (1, 1, 1)))  # one device
+    assert len(base) == 8
+    for shape in shapes:
+        np.testing.assert_allclose(_losses(trained(preset, objective, shape)), base, rtol=1e-5)
 
 
 # Snapshot: every parameter and optimizer-state leaf's PartitionSpec under (2, 2, 2) -----------
@@ -185,10 +206,9 @@ def test_greedy_generation_under_tensor_parallel_equals_one_device(preset, shape
                                atol=1e-5)
 
 
-def test_checkpoint_of_2x2x2_resumes_on_1x8x1_and_on_one_device(small_corpus, tmp_path):
+def test_checkpoint_of_2x2x2_resumes_on_1x8x1_and_on_one_device(trained, small_corpus, tmp_path):
     """Train 8 steps on (2, 2, 2) saving at 4 and 8; from the step-4 checkpoint, resume on (1, 8, 1)
     in this process and on one device in a fresh process: steps 5..8 repeat the losses."""
-    import json
     import os
     import shutil
     import subprocess
@@ -198,21 +218,11 @@ def test_checkpoint_of_2x2x2_resumes_on_1x8x1_and_on_one_device(small_corpus, tm
     from jaxlm.config import load_config
     from jaxlm.train import train
 
-    args = ["model=gpt2-tiny", "model.vocab_size=259", "model.d_model=32", "model.n_layers=2", "model.n_heads=4",
-            "model.max_len=32", "model.dropout=0", "model.attention_dropout=0", "data.seq_len=32",
-            "data.batch_size=8", f"data.path={small_corpus / 'text'}", f"data.data_dir={small_corpus / 'cache'}",
-            "train.steps=8", "train.eval_every=0", "train.save_every=4"]
-
-    def losses(w):
-        return [json.loads(x)["loss"] for x in open(w / "metrics.jsonl")]
-
-    full = tmp_path / "full"
-    train(load_config(None, [*args, f"train.workdir={full}", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]),
-          log=lambda m: None)
+    full = trained("gpt2-tiny", "clm", (2, 2, 2))
     for name in ("on_1x8x1", "on_one_device"):
         shutil.copytree(full, tmp_path / name)
         shutil.rmtree(tmp_path / name / "checkpoints" / "8")  # as if the run had stopped after step 4
-    train(load_config(None, [*args, f"train.workdir={tmp_path / 'on_1x8x1'}", "mesh.data=1", "mesh.fsdp=8"]),
+    train(load_config(None, _train_argv(small_corpus, "gpt2-tiny", "clm", (1, 8, 1), tmp_path / "on_1x8x1")),
           log=lambda m: None)
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count=1 {TEST_XLA_FLAGS}"}
     # The run's own config.json as the config file, with another workdir and mesh.
@@ -222,7 +232,8 @@ def test_checkpoint_of_2x2x2_resumes_on_1x8x1_and_on_one_device(small_corpus, tm
     assert run.returncode == 0, run.stderr[-2000:]
     assert "resumed from" in run.stderr and "checkpoints/4" in run.stderr
     for name in ("on_1x8x1", "on_one_device"):
-        np.testing.assert_allclose(losses(tmp_path / name), losses(full), rtol=1e-5)
+        assert len(_losses(tmp_path / name)) == 8
+        np.testing.assert_allclose(_losses(tmp_path / name), _losses(full), rtol=1e-5)
 
     # jaxlm.load puts the (2, 2, 2) run's parameters on one device, or on a mesh of our choice.
     one, tp = jaxlm.load(full), jaxlm.load(full, mesh=MeshConfig(1, 1, 4))

@@ -192,6 +192,8 @@ def token_stream(source, tokenizer, *, cache_dir, tag: str, text_key: str = "tex
     with file_lock(Path(cache_dir) / f".{tag}.lock"):  # processes sharing the disk tokenize once
         if cache.is_file():
             return np.load(cache, mmap_mode="r")
+        for stale in cache.parent.glob(f"{tag}.tmp*.npy"):  # a killed writer's (the lock holder writes)
+            stale.unlink()
         return _tokenize(source, tokenizer, cache, text_key, log)
 
 
@@ -208,7 +210,10 @@ def _tokenize(source, tokenizer, cache: Path, text_key: str, log) -> np.ndarray:
     stream = np.concatenate(chunks) if chunks else np.zeros(0, np.int32)
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(f".tmp{os.getpid()}.npy")
-    np.save(tmp, stream)
+    with open(tmp, "wb") as f:  # complete and on disk before it takes the cache's name
+        np.save(f, stream)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, cache)
     return stream
 

@@ -75,3 +75,46 @@ def save_random_hf(architecture: str, dst, *, size: str = "tiny", init_range: fl
         for name in ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
             shutil.copyfile(minilm_dir() / name, dst / name)
     return dst
+
+
+def kill_while_writing(argv, dst, delay: float, *, watch=None, env=None, timeout: float = 300) -> str:
+    """Run ``python -m jaxlm.cli *argv`` and SIGKILL it ``delay`` seconds after its write began: once
+    a new temporary sibling of ``dst`` (``.NAME.tmp-*``) appears, or a new path under the directory
+    ``watch`` (or ``watch`` itself). Returns "killed", or "finished" if the command had exited
+    by then (its exit status must be 0, else RuntimeError with its stderr)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    dst = Path(dst)
+
+    def written():  # the paths whose appearance means the command is writing
+        if watch is not None:
+            return set(Path(watch).rglob("*")) | {Path(watch)} if Path(watch).exists() else set()
+        return {p for p in dst.parent.iterdir() if p.name.startswith(f".{dst.name}.tmp-")} \
+            if dst.parent.is_dir() else set()
+
+    before = written()  # a killed run's leftovers: wait for this run's own first new path
+    proc = subprocess.Popen([sys.executable, "-m", "jaxlm.cli", *map(str, argv)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+
+    def began():
+        return bool(written() - before)
+
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and not began():
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"{' '.join(map(str, argv))}: no write began in {timeout:.0f}s")
+        time.sleep(0.002)
+    time.sleep(delay)
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return "killed"
+    err = proc.stderr.read()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, argv))} failed ({proc.returncode}): {err}")
+    return "finished"

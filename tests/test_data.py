@@ -67,3 +67,37 @@ def test_resumed_iterator_yields_the_same_rows():
 def test_too_little_data_is_named():
     with pytest.raises(ValueError, match=r"the data holds 3 rows \(data.seq_len=8\), fewer than data.batch_size=8"):
         loader(PackedRows(np.arange(30), 8), batch_size=8, seed=0)
+
+
+def test_sigkill_during_data_preparation_leaves_no_partial_cache(tmp_path):
+    """`jaxlm train` killed while it prepares its data (tfds files, then the token cache) at three
+    moments: the next preparation gives exactly the tokens of an undisturbed one, and no
+    temporary file of the killed run is left in the cache."""
+    import random
+    import shutil
+
+    from jaxlm.config import load_config
+    from jaxlm.data import packed_rows, stdlib_dir
+    from jaxlm.testing import kill_while_writing
+
+    text = tmp_path / "text"
+    text.mkdir()
+    for f in sorted(stdlib_dir().glob("*.py"))[:60]:
+        shutil.copy(f, text / f.name)
+    argv = lambda d: ["model=gpt2-tiny", "model.vocab_size=259", "model.d_model=32", "model.n_layers=1",  # noqa: E731
+                      "model.n_heads=2", "model.max_len=32", "data.seq_len=32", "data.batch_size=8",
+                      f"data.path={text}", f"data.data_dir={d}", "train.steps=1", "train.eval_every=0",
+                      f"train.workdir={tmp_path / 'run'}"]
+    data = tmp_path / "data"
+    rng = random.Random(0)
+    # Preparation takes ~0.3 s from the data dir's creation here (tfds ~0.18 s, then tokens).
+    outcomes = [kill_while_writing(["train", *argv(data)], tmp_path / "unused", delay, watch=data)
+                for delay in (0.0, 0.17, rng.uniform(0.0, 0.3))]
+    assert outcomes[0] == "killed"
+    cfg = load_config(None, argv(data))
+    tok = ByteTokenizer()
+    got = {split: np.asarray(packed_rows(cfg.data, split, tok).stream) for split in ("train", "validation")}
+    clean = load_config(None, argv(tmp_path / "clean"))
+    for split in ("train", "validation"):
+        np.testing.assert_array_equal(got[split], np.asarray(packed_rows(clean.data, split, tok).stream))
+    assert not list((data / "tokens").glob("*.tmp*"))

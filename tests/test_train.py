@@ -1,8 +1,10 @@
 """Training: exact resume, preemption, gradient accumulation, MLM masking, learning, bad input."""
 
+import contextlib
 import json
 import math
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -15,6 +17,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jaxlm.cli import DEFAULT_CONFIG
 from jaxlm.config import OptimConfig, load_config
 from jaxlm.data import stdlib_dir
 from jaxlm.optim import make_optimizer, schedule
@@ -71,10 +74,19 @@ def losses(workdir):
     return out
 
 
-def test_exact_resume_after_sigkill(corpus, tmp_path):
-    common = ["train.steps=8", "train.save_every=4", "train.eval_every=0", "model.dropout=0.1"]
-    full = run_cli(args(corpus, tmp_path / "full", *common))
-    assert full.returncode == 0, full.stderr
+RESUME = ["train.steps=8", "train.save_every=4", "train.eval_every=0", "model.dropout=0.1"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(corpus, tmp_path_factory):
+    """An 8-step run with checkpoints at steps 4 and 8, not disturbed: the reference for resumes."""
+    w = tmp_path_factory.mktemp("uninterrupted") / "w"
+    train(load_config(DEFAULT_CONFIG, args(corpus, w, *RESUME)), log=lambda m: None)
+    return w
+
+
+def test_exact_resume_after_sigkill(corpus, uninterrupted, tmp_path):
+    common = RESUME
     killed = subprocess.run([sys.executable, "-c", KILL_AFTER_SAVE, "4", *args(corpus, tmp_path / "cut", *common)],
                             capture_output=True, text=True)
     assert killed.returncode == -signal.SIGKILL
@@ -82,9 +94,93 @@ def test_exact_resume_after_sigkill(corpus, tmp_path):
     resumed = run_cli(args(corpus, tmp_path / "cut", *common))
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stderr
-    a, b = losses(tmp_path / "full"), losses(tmp_path / "cut")
+    a, b = losses(uninterrupted), losses(tmp_path / "cut")
     assert sorted(b) == list(range(1, 9))
     assert [a[s] for s in range(5, 9)] == [b[s] for s in range(5, 9)]  # bitwise identical
+
+
+@contextlib.contextmanager
+def file_size_limit():
+    """Lets a hook set RLIMIT_FSIZE (writes past it fail with EFBIG, as on a full disk); restored after."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        yield lambda nbytes: resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax's aftermath
+def test_full_disk_at_a_save_stops_in_one_line_and_the_rerun_resumes_exactly(corpus, uninterrupted, tmp_path):
+    from jaxlm.io import TrainCheckpoints, checksums
+    from jaxlm.train import Hook
+
+    w = tmp_path / "w"
+    with file_size_limit() as limit:
+        def fill_disk(info):  # once the checkpoint of step 4 is on disk, no file may exceed 64 KiB
+            info.run.checkpoints.wait()
+            limit(64 << 10)
+
+        with pytest.raises(OSError, match=rf"^could not write the checkpoint of step 8 to {w}/checkpoints: File too "
+                                          "large; the checkpoint of step 4 is intact: free space, then run again "
+                                          "to resume from it$"):
+            train(load_config(DEFAULT_CONFIG, args(corpus, w, *RESUME)), log=lambda m: None,
+                  hooks=[Hook(fill_disk, every=5, at_end=False)])
+    ckpts = TrainCheckpoints(w)
+    assert ckpts.all_steps() == [4] and checksums.verify(w / "checkpoints" / "4") is True
+    ckpts.close()
+    logs = []
+    train(load_config(DEFAULT_CONFIG, args(corpus, w, *RESUME)), log=logs.append)  # with room again
+    assert any(m.endswith("resumed from " + str(w / "checkpoints" / "4")) for m in logs), logs
+    assert losses(w) == losses(uninterrupted)  # bitwise, steps 1-8
+
+
+def flip_a_byte(checkpoint):
+    """Flip one byte in the middle of the largest array file of a checkpoint (a bad copy)."""
+    f = max((p for p in checkpoint.rglob("*") if p.is_file() and p.parent.name == "d"), key=lambda p: p.stat().st_size)
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+    return f
+
+
+def test_damaged_checkpoint_is_set_aside_and_training_resumes_from_the_one_before(corpus, uninterrupted, tmp_path,
+                                                                                 capsys):
+    """orbax reads flipped bytes back as wrong numbers; the checksums sealed into every checkpoint
+    catch them: training falls back to the previous checkpoint (bitwise-equal losses), loading
+    names the file, and with no earlier checkpoint training stops naming it."""
+    import jaxlm
+    from jaxlm.cli import main
+    from jaxlm.io.checksums import DamagedError
+
+    w = tmp_path / "w"
+    shutil.copytree(uninterrupted, w)
+    bad = flip_a_byte(w / "checkpoints" / "8")
+    name = bad.relative_to(w / "checkpoints" / "8")
+    with pytest.raises(DamagedError, match=rf"^{bad} is damaged \(its SHA-256 differs\)"):
+        jaxlm.load(w)
+    capsys.readouterr()
+    assert main(["generate", str(w), "--prompt", "a"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"jaxlm generate: error: {bad} is damaged"), err
+    logs = []
+    train(load_config(DEFAULT_CONFIG, args(corpus, w, *RESUME)), log=logs.append)
+    warning = [m for m in logs if m.startswith("warning:")]
+    assert len(warning) == 1 and warning[0].startswith(f"warning: checkpoint of step 8 is damaged ({name}: its "
+                                                       "SHA-256 differs); moved it to "), logs
+    assert warning[0].endswith("and resuming from the checkpoint of step 4")
+    assert [p.name.split("-")[0] for p in (w / "damaged").iterdir()] == ["8"]  # kept, not deleted
+    assert losses(w) == losses(uninterrupted)  # bitwise, steps 1-8
+    assert jaxlm.load(w) is not None  # the new step 8 is sound
+    only = tmp_path / "only"  # the damaged checkpoint is the only one: stop, naming it
+    shutil.copytree(uninterrupted, only)
+    shutil.rmtree(only / "checkpoints" / "4")
+    bad = flip_a_byte(only / "checkpoints" / "8")
+    with pytest.raises(ValueError, match=rf"^{bad} is damaged .*; it is the only checkpoint in {only}/checkpoints: "
+                                         "restore the file from a copy, or use another train.workdir$"):
+        train(load_config(DEFAULT_CONFIG, args(corpus, only, *RESUME)), log=lambda m: None)
+    assert (only / "checkpoints" / "8").is_dir()
 
 
 def test_sigterm_saves_current_step_and_exits_0(corpus, tmp_path):

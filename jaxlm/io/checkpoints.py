@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import os
+import time
 from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import type_handlers
 from orbax.checkpoint._src.metadata import array_metadata_store
+
+from jaxlm.io import checksums
+from jaxlm.io.atomic import no_room
 
 
 def is_workdir(path) -> bool:
@@ -36,29 +42,95 @@ def _small_arrays_whole() -> None:
         absl_logger.setLevel(level)
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (e.g. the disk is full); the message names the step."""
+
+
 class TrainCheckpoints:
     """``WORKDIR/checkpoints/<step>/``: params, optimizer state, data-iterator state and the config.
 
     Saves are asynchronous and atomic (orbax writes to a temporary dir and renames on commit), so a
-    save cut off mid-write is ignored and the previous complete checkpoint is used.
+    save cut off mid-write is ignored and the previous complete checkpoint is used. Each checkpoint
+    is sealed before its commit (``checksums.json``: the SHA-256 of every file, written by process
+    0 in orbax's save thread), so ``verify(step)`` detects bytes damaged after the save.
     """
 
     def __init__(self, workdir, *, keep: int = 3):
         _small_arrays_whole()
-        self.directory = Path(workdir, "checkpoints").absolute()
+        self.workdir = Path(workdir).absolute()
+        self.directory = self.workdir / "checkpoints"
+        self._saving: int | None = None  # the step of the save in flight
         self.manager = ocp.CheckpointManager(
             self.directory, options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep, enable_async_checkpointing=True, create=True))
+                max_to_keep=keep, enable_async_checkpointing=True, create=True,
+                async_options=ocp.AsyncOptions(post_finalization_callback=self._seal)))
 
     def latest_step(self):
         return self.manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def _seal(self) -> None:
+        """Record the checksums of the save in flight, in its temporary directory, before orbax
+        renames it into place: a committed checkpoint always carries them."""
+        step = self._saving
+        if step is None or jax.process_index() != 0:
+            return
+        tmp = sorted(self.directory.glob(f"{step}.orbax-checkpoint-tmp*"), key=lambda p: p.stat().st_mtime)
+        # orbax rewrites its step metadata when it renames the directory: bookkeeping, not data.
+        checksums.seal(tmp[-1] if tmp else self.directory / str(step),
+                       skip=("_CHECKPOINT_METADATA", "commit_success.txt"))
+
     def save(self, step: int, params, opt_state, data_iter, meta: dict, *, force: bool = False) -> None:
         import grain  # lazy (~0.4 s): reading a workdir's params (jaxlm.load) does not need it
 
-        self.manager.save(step, force=force, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
-            data=grain.checkpoint.CheckpointSave(data_iter), meta=ocp.args.JsonSave(meta)))
+        self._wait_or_explain()  # the previous save's failure is reported as that step's
+        self._saving = step
+        with self._explained(step):
+            self.manager.save(step, force=force, args=ocp.args.Composite(
+                params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
+                data=grain.checkpoint.CheckpointSave(data_iter), meta=ocp.args.JsonSave(meta)))
+
+    @contextlib.contextmanager
+    def _explained(self, step: int):
+        """Turn a write that ran out of room into one line naming the step and the checkpoint
+        that is intact."""
+        try:
+            yield
+        except Exception as e:
+            reason = no_room(e)
+            if reason is None:
+                raise
+            kept = [s for s in self.all_steps() if s != step]
+            intact = (f"the checkpoint of step {kept[-1]} is intact: free space, then run again to resume "
+                      "from it" if kept else "there is no earlier checkpoint")
+            raise CheckpointWriteError(f"could not write the checkpoint of step {step} to {self.directory}: "
+                                       f"{reason}; {intact}") from None
+
+    def _wait_or_explain(self) -> None:
+        step = self._saving
+        with self._explained(step if step is not None else -1):
+            self.manager.wait_until_finished()
+
+    def verify(self, step: int) -> bool:
+        """Raise ``checksums.DamagedError`` if a file of checkpoint ``step`` differs from the
+        checksums recorded at its save; False for a checkpoint without them (an earlier jaxlm)."""
+        return checksums.verify(self.directory / str(step))
+
+    def set_aside(self, step: int) -> Path:
+        """Move a damaged checkpoint out of the way (``WORKDIR/damaged/<step>-<time>``, kept for
+        inspection, never deleted) so that training resumes from the one before; on every process
+        (process 0 moves it)."""
+        dst = self.workdir / "damaged" / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if jax.process_index() == 0:
+            dst.parent.mkdir(exist_ok=True)
+            os.rename(self.directory / str(step), dst)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(f"jaxlm-set-aside-{step}")
+        self.manager.reload()
+        return dst
 
     def meta(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -78,7 +150,7 @@ class TrainCheckpoints:
             params=ocp.args.StandardRestore(abstract_params)))["params"]
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        self._wait_or_explain()
 
     def close(self) -> None:
         self.manager.close()

@@ -18,6 +18,7 @@ from safetensors.numpy import save_file
 
 from jaxlm.compress.lora import merged_kernel
 from jaxlm.config import ModelConfig
+from jaxlm.io import checksums
 from jaxlm.io.atomic import atomic_dir, check_destination
 from jaxlm.io.hf import family_of
 from jaxlm.io.hf.weights import DTYPES, export_plan, flatten, parse_size, write_safetensors
@@ -84,6 +85,7 @@ def _source(src):
     layout ("layers.blocks.<i>. ..."), as numpy arrays."""
     d = local_dir(src)
     if is_model_dir(d):  # one parameter (of one layer) at a time, from disk
+        checksums.verify(d)
         params = d / "params"
         meta = param_metadata(params)
         stacked = functools.lru_cache(maxsize=2)(lambda name: np.asarray(read_param(params, name)))

@@ -1,8 +1,9 @@
 """jaxlm model directories: ``config.json`` (the ModelConfig), orbax ``params/``, tokenizer files.
 
 Writes are atomic (``atomic.atomic_dir``): everything goes to a hidden sibling directory that is
-renamed into place only once complete, so a failure never leaves a half-written destination or
-touches an existing one. Parameters are stored one block per layer (``layers/blocks/<i>/...``),
+renamed into place only once complete and flushed, so a failure never leaves a half-written
+destination or touches an existing one. ``checksums.json`` records every file's SHA-256; reading
+the directory checks them first, so damage from a copy is named, never loaded. Parameters are stored one block per layer (``layers/blocks/<i>/...``),
 so conversions write and read them a layer at a time; directories written stacked (a leading
 layers axis) by earlier versions read the same. Each array keeps the dtype it was stored in.
 """
@@ -16,6 +17,7 @@ import jax
 import orbax.checkpoint.experimental.v1 as ocp
 
 from jaxlm.config import ModelConfig
+from jaxlm.io import checksums
 from jaxlm.io.atomic import atomic_dir
 from jaxlm.tokenizer import load_tokenizer
 from jaxlm.transformer import abstract_params, unstack_layers
@@ -114,7 +116,7 @@ def _check_tree(stored, abstract) -> None:
 
 def save_model(dst, config: ModelConfig, params, tokenizer=None, *, overwrite: bool = False) -> Path:
     """Write a jaxlm model directory atomically. ``params``: pure dict of arrays, either layout."""
-    with atomic_dir(dst, overwrite) as tmp:
+    with atomic_dir(dst, overwrite, seal=True) as tmp:
         save_params(tmp / "params", unstack_layers(params, config.n_layers))
         write_config(tmp, config)
         if tokenizer is not None:
@@ -134,7 +136,9 @@ def read_config(path) -> ModelConfig:
 
 
 def read_model_dir(path):
-    """(config, params in the stored layout, tokenizer or None) from a jaxlm model directory."""
+    """(config, params in the stored layout, tokenizer or None) from a jaxlm model directory; its
+    files are first checked against the checksums recorded when it was written (if it has them)."""
+    checksums.verify(path)
     config = read_config(path)
     params = restore_params(Path(path, "params"), abstract_params(config))
     return config, params, load_tokenizer(path)

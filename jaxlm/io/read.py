@@ -46,6 +46,11 @@ def read_workdir(path):
     step = ckpts.latest_step()
     if step is None:
         raise ValueError(f"training workdir {path} holds no complete checkpoint yet")
+    try:
+        ckpts.verify(step)
+    except BaseException:
+        ckpts.close()
+        raise
     one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     # Training checkpoints keep the run's own layout (stacked or per-layer, by model.scan_layers).
     layout = nnx.to_pure_dict(nnx.state(abstract_model(cfg.model), nnx.Param))

@@ -26,6 +26,7 @@ from jaxlm.compress.distill import check_teacher, layer_pairs
 from jaxlm.config import CHECKPOINT_FIELDS, Config, ModelConfig
 from jaxlm.data import loader, packed_rows
 from jaxlm.io import TrainCheckpoints
+from jaxlm.io.checksums import DamagedError
 from jaxlm.instruct import chat_template, example_rows
 from jaxlm.io.lock import WorkdirLock
 from jaxlm.io.read import read_base
@@ -159,13 +160,14 @@ def _build(cfg: Config, log, base_params, tokenizer, class_rows, template, mesh)
     workdir = Path(cfg.train.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     ckpts = TrainCheckpoints(workdir, keep=cfg.train.keep)
-    start = ckpts.latest_step() or 0
-    if start:
-        try:
+    try:
+        start = _intact_step(ckpts, log)
+        if start:
             params, opt_state = _restore(ckpts, start, workdir, cfg, params, opt_state, it)
-        except BaseException:
-            ckpts.close()
-            raise
+    except BaseException:
+        ckpts.close()
+        raise
+    if start:
         log(f"resumed from {workdir}/checkpoints/{start}")
     if pi == 0:
         (workdir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
@@ -317,6 +319,23 @@ def _init_params(cfg: Config, model_cfg: ModelConfig, mesh, base_params):
     params, frozen = tree.split(params, keep)
     p_sharding, _ = tree.split(p_sharding, keep)
     return params, frozen or None, p_sharding
+
+
+def _intact_step(ckpts: TrainCheckpoints, log) -> int:
+    """The latest checkpoint whose files match their checksums (0: none). A damaged one is moved
+    to WORKDIR/damaged/ with a warning and the one before it is used; with none before it, stop."""
+    while (step := ckpts.latest_step()):
+        try:
+            ckpts.verify(step)
+            return step
+        except DamagedError as e:
+            if len(ckpts.all_steps()) < 2:
+                raise ValueError(f"{e}; it is the only checkpoint in {ckpts.directory}: restore the file "
+                                 "from a copy, or use another train.workdir") from None
+            moved = ckpts.set_aside(step)
+            log(f"warning: checkpoint of step {step} is damaged ({e.file}: {e.reason}); moved it to "
+                f"{moved} and resuming from the checkpoint of step {ckpts.latest_step()}")
+    return 0
 
 
 def _restore(ckpts: TrainCheckpoints, step: int, workdir: Path, cfg: Config, params, opt_state, it):

@@ -92,7 +92,7 @@ def convert(src, dst, *, overwrite: bool = False, dtype: str | None = None, log=
     hf = read_hf_config(src)
     config = config_from_hf(hf)
     # Refuse a non-empty DST before the (long) read.
-    with atomic_dir(dst, overwrite) as tmp:
+    with atomic_dir(dst, overwrite, seal=True) as tmp:
         # Stream: tensors go to orbax (partial saves) in batches of about 64 MB, one layer's
         # tensor at a time, so memory does not grow with the number of layers.
         writer = StreamingParamWriter(tmp / "params")

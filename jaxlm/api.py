@@ -60,13 +60,21 @@ class LM:
         if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
             raise ValueError(f"input_ids must be integers of shape [batch, length], got {ids.dtype} {ids.shape}")
         v, t = self.config.vocab_size, ids.shape[1]
-        if ids.size and (ids.min() < 0 or ids.max() >= v):
+        if ids.size == 0:
+            raise ValueError(f"input_ids of shape {ids.shape} is empty: give at least one row of at least one token")
+        if ids.min() < 0 or ids.max() >= v:
             bad = ids.min() if ids.min() < 0 else ids.max()
             raise ValueError(f"input id {bad} is outside the vocabulary: ids must be in [0, {v})")
         if t > self.config.context:
             raise ValueError(f"sequence length {t} exceeds the model's context of {self.config.context} tokens")
-        mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask).reshape(ids.shape).astype(bool)
-        types = None if token_type_ids is None else jnp.asarray(np.asarray(token_type_ids).reshape(ids.shape), jnp.int32)
+        def like_ids(name, x):
+            x = np.asarray(x)
+            if x.size != ids.size:
+                raise ValueError(f"{name} has shape {x.shape}, input_ids {ids.shape}: they must match")
+            return x.reshape(ids.shape)
+
+        mask = np.ones(ids.shape, bool) if attention_mask is None else like_ids("attention_mask", attention_mask).astype(bool)
+        types = None if token_type_ids is None else jnp.asarray(like_ids("token_type_ids", token_type_ids), jnp.int32)
         return jnp.asarray(ids, jnp.int32), jnp.asarray(mask), types
 
     def logits(self, input_ids, attention_mask=None, token_type_ids=None):
@@ -124,8 +132,8 @@ class LM:
         for i, r in enumerate(rows):
             if not r:
                 raise ValueError(f"prompt {i} is empty: give at least one token")
+        check_request(max_new_tokens, num_return_sequences, Sampling(temperature, top_k, top_p), cfg.vocab_size, seed)
         sampling = Sampling(float(temperature), int(top_k), float(top_p))
-        check_request(max_new_tokens, num_return_sequences, sampling, cfg.vocab_size)
         longest = max(len(r) for r in rows)
         if longest + max_new_tokens > cfg.context:
             raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the "

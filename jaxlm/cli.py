@@ -228,8 +228,16 @@ def cmd_prune(args) -> int:
 DEFAULT_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors in one line, like every other jaxlm error (the usage is one
+    ``--help`` away); subcommand parsers are of this class too."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="jaxlm", description="Transformer language models in JAX/Flax.")
+    p = _Parser(prog="jaxlm", description="Transformer language models in JAX/Flax.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     c = sub.add_parser("convert", help="Hugging Face model dir or hub id -> jaxlm model dir",
@@ -244,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="continue prompts with a model",
                        description="Generate text. Streams to the terminal; --json prints one object per line.")
     g.add_argument("model", metavar="MODEL", help="jaxlm model dir, training workdir, HF model dir or hub id")
-    g.add_argument("overrides", nargs="*", metavar="mesh.AXIS=N",
+    g.add_argument("overrides", nargs="*", default=[], metavar="mesh.AXIS=N",
                    help="spread the model over devices, e.g. mesh.tensor=4 (default: one device)")
     g.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
     g.add_argument("--max-new-tokens", type=int, default=32)
@@ -261,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Serve a decoder over OpenAI's API: /v1/models, /v1/completions, "
                                     "/v1/chat/completions (streaming with stream=true), /health, /metrics.")
     sv.add_argument("model", metavar="MODEL", help="jaxlm model dir, training workdir, HF model dir or hub id")
-    sv.add_argument("overrides", nargs="*", metavar="mesh.AXIS=N",
+    sv.add_argument("overrides", nargs="*", default=[], metavar="mesh.AXIS=N",
                     help="spread the model over devices, e.g. mesh.tensor=4 (default: one device)")
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
@@ -280,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a model. With no arguments: the quickstart (a small byte-level "
                                    "GPT on the Python standard library, a few minutes on a CPU).")
     t.add_argument("--config", help="YAML file of overrides (default: configs/quickstart.yaml)")
-    t.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+    t.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE",
                    help="e.g. train.steps=100 model.n_layers=4 mesh.data=2 mesh.fsdp=2 mesh.tensor=2")
     d = t.add_argument_group("multi-host", "one process per host; on TPU pods and under SLURM (several "
                              "tasks) the processes find each other by themselves")
@@ -293,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="loss / perplexity (and MLM accuracy) of a model on a split, as JSON")
     e.add_argument("model", metavar="MODEL", help="training workdir, jaxlm model dir or HF model dir")
-    e.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+    e.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE",
                    help="data.*, train.objective and mesh.* settings (default: the workdir's data, else "
                         "the default corpus; one device)")
     e.add_argument("--split", default="validation")

@@ -11,6 +11,8 @@ row's index), so a row's samples do not depend on the batch it runs in.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -32,8 +34,11 @@ class Sampling:
 
     def check(self, vocab_size: int | None = None) -> None:
         """One clear error per bad setting; top_k's upper bound only once the vocabulary is known."""
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 is greedy)")
+        real("temperature", self.temperature)
+        integer("top_k", self.top_k)
+        real("top_p", self.top_p)
+        if not 0 <= self.temperature < math.inf:
+            raise ValueError(f"temperature={self.temperature} must be a finite number >= 0 (0 is greedy)")
         if not 0 <= self.top_k <= (vocab_size if vocab_size is not None else self.top_k):
             raise ValueError(f"top_k={self.top_k} must be in [0, {vocab_size or 'vocab_size'}] (0 disables it)")
         if not 0 < self.top_p <= 1:
@@ -44,9 +49,26 @@ class Sampling:
         return self.temperature == 0
 
 
+def integer(name: str, value) -> int:
+    """``value`` if it is an integer (Python or numpy), else a one-line ValueError naming ``name``."""
+    if not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name}={value!r} must be an integer")
+    return int(value)
+
+
+def real(name: str, value) -> float:
+    """``value`` as a float if it is a real number, else a one-line ValueError naming ``name``."""
+    if not isinstance(value, numbers.Real):
+        raise ValueError(f"{name}={value!r} must be a number")
+    return float(value)
+
+
 def check_request(max_new_tokens: int, num_return_sequences: int, sampling: Sampling,
-                  vocab_size: int | None = None) -> None:
+                  vocab_size: int | None = None, seed: int = 0) -> None:
     """The settings of a generation request, checked before any work (and before a model is loaded)."""
+    integer("max_new_tokens", max_new_tokens)
+    integer("num_return_sequences", num_return_sequences)
+    integer("seed", seed)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
     if num_return_sequences < 1:

@@ -41,7 +41,8 @@ def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
     divisors = [d for d in range(1, n_devices + 1) if n_devices % d == 0]
     if any(s == 0 or s < -1 for s in sizes) or n_devices % fixed:
         raise ValueError(f"mesh (data={cfg.data}, fsdp={cfg.fsdp}, tensor={cfg.tensor}) does not fit "
-                         f"{n_devices} devices; each size must divide it: {', '.join(map(str, divisors))}")
+                         f"{n_devices} devices; each size must be >= 1 (or -1: the rest) and their product must "
+                         f"divide {n_devices}: {', '.join(map(str, divisors))}")
     # Explicit sizes may use a subset of the devices (the first ones), e.g. (1, 1, 1) for one device.
     return tuple(n_devices // fixed if s == -1 else s for s in sizes)
 

@@ -23,7 +23,8 @@ def test_eight_simulated_devices():
 def test_mesh_sizes_resolved_and_refused():
     assert mesh_shape(MeshConfig(), 8) == (8, 1, 1)
     assert mesh_shape(MeshConfig(data=2, fsdp=-1, tensor=2), 8) == (2, 2, 2)
-    with pytest.raises(ValueError, match="does not fit 8 devices; each size must divide it: 1, 2, 4, 8"):
+    with pytest.raises(ValueError, match=r"does not fit 8 devices; each size must be >= 1 \(or -1: the rest\) "
+                                         "and their product must divide 8: 1, 2, 4, 8"):
         mesh_shape(MeshConfig(data=3), 8)
     assert make_mesh(MeshConfig(data=2, fsdp=2, tensor=1)).devices.size == 4  # a subset is allowed
 
@@ -179,7 +180,8 @@ def test_bad_mesh_fails_before_compiling(small_corpus, tmp_path):
     base = ["model=gpt2-tiny", "model.vocab_size=259", "model.d_model=48", "model.n_layers=1", "model.n_heads=6",
             "model.max_len=32", "data.seq_len=32", "data.batch_size=12", f"data.path={small_corpus / 'text'}",
             f"data.data_dir={small_corpus / 'cache'}", f"train.workdir={tmp_path / 'w'}"]
-    cases = [(["mesh.data=3"], "does not fit 8 devices; each size must divide it: 1, 2, 4, 8"),
+    cases = [(["mesh.data=3"], r"does not fit 8 devices; each size must be >= 1 \(or -1: the rest\) and their "
+                               "product must divide 8: 1, 2, 4, 8"),
              (["mesh.data=8"], r"data.batch_size=12 does not split over mesh.data x mesh.fsdp = 8 devices; "
                                "use a multiple of 8"),
              (["mesh.data=1", "mesh.tensor=4"], "model.n_heads=6 is not divisible by mesh.tensor=4; use a "

@@ -199,15 +199,15 @@ def test_sigterm_saves_current_step_and_exits_0(corpus, tmp_path):
     assert steps and steps[-1] == max(losses(tmp_path / "w"))
 
 
-def test_incomplete_checkpoint_is_ignored(corpus, tmp_path):
+def test_incomplete_checkpoint_is_ignored(corpus, uninterrupted, tmp_path):
     w = tmp_path / "w"
-    base = args(corpus, w, "train.save_every=3", "train.eval_every=0")
-    train(load_config(None, base + ["train.steps=3"]), log=lambda m: None)
-    # A save cut off mid-write leaves orbax's temporary directory behind.
-    shutil.copytree(w / "checkpoints" / "3", w / "checkpoints" / "6.orbax-checkpoint-tmp-1234")
+    shutil.copytree(uninterrupted, w)
+    # A save cut off mid-write leaves orbax's temporary directory behind (here: step 8's).
+    os.rename(w / "checkpoints" / "8", w / "checkpoints" / "8.orbax-checkpoint-tmp-1234")
     logs = []
-    train(load_config(None, base + ["train.steps=6"]), log=logs.append)
-    assert any("resumed from" in m and m.endswith("/3") for m in logs)
+    train(load_config(DEFAULT_CONFIG, args(corpus, w, *RESUME)), log=logs.append)
+    assert any(m.endswith("resumed from " + str(w / "checkpoints" / "4")) for m in logs), logs
+    assert losses(w) == losses(uninterrupted)
 
 
 def test_grad_accumulation_equals_big_batch():
@@ -313,16 +313,16 @@ def test_bad_input_one_line(corpus, tmp_path, extra, message):
     assert re.search(message, lines[0]), lines[0]
 
 
-def test_empty_data_and_incompatible_workdir(corpus, tmp_path):
+def test_empty_data_and_incompatible_workdir(corpus, uninterrupted, tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "a.txt").write_text("")
     with pytest.raises(ValueError, match="the data files hold no text"):
         train(load_config(None, args(corpus, tmp_path / "w0", f"data.path={tmp_path / 'empty'}")), log=lambda m: None)
     w = tmp_path / "w"
-    train(load_config(None, args(corpus, w, "train.steps=2", "train.eval_every=0")), log=lambda m: None)
+    shutil.copytree(uninterrupted, w)
     before = sorted(p.name for p in (w / "checkpoints").iterdir())
     with pytest.raises(ValueError, match=r"holds a checkpoint of a different model \(model.d_model: 32 there, 48 now\)"):
-        train(load_config(None, args(corpus, w, "train.steps=4", "model.d_model=48")), log=lambda m: None)
+        train(load_config(None, args(corpus, w, "train.steps=12", "model.d_model=48")), log=lambda m: None)
     assert sorted(p.name for p in (w / "checkpoints").iterdir()) == before
 
 

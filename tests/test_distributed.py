@@ -125,6 +125,35 @@ def test_two_processes_train_like_one_process_of_four_devices(tiny_text, tmp_pat
     assert per_host[0] | per_host[1] == set(range(n_rows))
 
 
+def test_both_processes_refuse_a_workdir_another_run_holds(tiny_text, tmp_path):
+    """Process 0 finds the workdir locked (here by this test process): it and process 1 both exit
+    2 at once with one line, instead of process 1 waiting forever for a process 0 that left."""
+    from jaxlm.io.lock import WorkdirLock
+
+    held = WorkdirLock(tmp_path / "w")
+    port = _free_port()
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count=2 {TEST_XLA_FLAGS}",
+           "JAX_PLATFORMS": "cpu"}
+    procs = [subprocess.Popen([sys.executable, "-m", "jaxlm.cli", "train", *_args(tiny_text, 32),
+                               f"train.workdir={tmp_path / 'w'}", "--coordinator", f"127.0.0.1:{port}",
+                               "--num-processes", "2", "--process-id", str(i)],
+                              env=env, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        errs = [p.communicate(timeout=120)[1] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        held.release()
+    assert [p.returncode for p in procs] == [2, 2], errs
+    last = [e.strip().splitlines()[-1] for e in errs]
+    assert last[0].startswith(f"jaxlm train: error: {tmp_path / 'w'} is in use by a running jaxlm train (host "), errs[0]
+    assert last[1] == (f"jaxlm train: error: {tmp_path / 'w'} is in use by another jaxlm train (process 0 found it "
+                       "locked)"), errs[1]
+    assert "Traceback" not in errs[0] + errs[1]
+
+
 def test_distributed_flags_go_together():
     with pytest.raises(ValueError, match="go together"):
         initialize("127.0.0.1:1234", None, None)

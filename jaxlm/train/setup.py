@@ -28,7 +28,7 @@ from jaxlm.data import loader, packed_rows
 from jaxlm.io import TrainCheckpoints
 from jaxlm.io.checksums import DamagedError
 from jaxlm.instruct import chat_template, example_rows
-from jaxlm.io.lock import WorkdirLock
+from jaxlm.io.lock import WorkdirBusy, WorkdirLock
 from jaxlm.io.read import read_base
 from jaxlm.optim import make_optimizer, schedule
 from jaxlm.sharding import (batch_sharding, check_batch_fits, check_model_fits, like_params, make_mesh,
@@ -109,11 +109,7 @@ def setup(cfg: Config, log, *, lock_workdir: bool = False) -> Run:
     mesh = make_mesh(cfg.mesh)
     check_model_fits(cfg.model, mesh)
     check_batch_fits(cfg.data.batch_size, mesh, cfg.optim.grad_accum)
-    lock = None
-    if lock_workdir and jax.process_index() == 0:  # the other processes of this run write nothing it guards
-        lock = WorkdirLock(cfg.train.workdir)
-        if lock.taken_over:
-            log(f"took over the workdir lock left by {lock.taken_over} (no longer running)")
+    lock = _lock(cfg.train.workdir, log) if lock_workdir else None
     try:
         run = _build(cfg, log, base_params, tokenizer, class_rows, template, mesh)
     except BaseException:
@@ -122,6 +118,27 @@ def setup(cfg: Config, log, *, lock_workdir: bool = False) -> Run:
         raise
     run.lock = lock
     return run
+
+
+def _lock(workdir, log) -> WorkdirLock | None:
+    """Process 0 takes the workdir (the other processes of this run write nothing it guards);
+    in a multi-host run every process learns the outcome, so all refuse together, none waits."""
+    lock, busy = None, None
+    if jax.process_index() == 0:
+        try:
+            lock = WorkdirLock(workdir)
+        except WorkdirBusy as e:
+            busy = e
+        if lock is not None and lock.taken_over:
+            log(f"took over the workdir lock left by {lock.taken_over} (no longer running)")
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        if int(multihost_utils.broadcast_one_to_all(np.int32(busy is not None))) and busy is None:
+            busy = WorkdirBusy(f"{workdir} is in use by another jaxlm train (process 0 found it locked)")
+    if busy is not None:
+        raise busy
+    return lock
 
 
 def _build(cfg: Config, log, base_params, tokenizer, class_rows, template, mesh) -> Run:

@@ -15,6 +15,8 @@ from typing import Callable, Iterator
 import jax
 
 from jaxlm.config import Config
+from jaxlm.io.atomic import no_room
+from jaxlm.io.checkpoints import CheckpointWriteError
 from jaxlm.train.hooks import (Hook, MetricsLog, Preemption, Progress, StepInfo, checkpoint_hook, eval_hook,
                                nan_stop, pruning_hook)
 from jaxlm.train.setup import Run, setup
@@ -105,6 +107,16 @@ def train(cfg: Config, *, log=None, hooks=()) -> dict:
     run = setup(cfg, log, lock_workdir=True)  # one writer per workdir
     try:
         last = _run(run, hooks)
+    except OSError as e:
+        reason = no_room(e)
+        if reason is None or isinstance(e, CheckpointWriteError):
+            raise
+        # Anything else the run writes (metrics.jsonl, TensorBoard files) on a full disk.
+        steps = sorted(int(p.name) for p in run.checkpoints.directory.iterdir() if p.name.isdigit())
+        intact = (f"the checkpoint of step {steps[-1]} is intact: free space, then run again to resume from it"
+                  if steps else "there is no checkpoint yet")
+        raise CheckpointWriteError(f"could not write {getattr(e, 'filename', None) or run.workdir}: {reason}; "
+                                   f"{intact}") from None
     finally:
         if run.lock is not None:
             run.lock.release()

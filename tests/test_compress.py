@@ -206,8 +206,9 @@ def test_adapter_workdir_with_relative_base_loads_from_any_directory(base_run, t
     root, args = base_run
     shutil.copytree(root / "base", tmp_path / "base")
     monkeypatch.chdir(tmp_path)  # the run names its base relative to here
-    train(load_config(None, [*args, "train.steps=2", "train.workdir=lora", "adapt.init=base", "adapt.method=lora",
-                             "adapt.lora_rank=2"]), log=lambda m: None)
+    # The LoRA settings of test_lora_training_changes_only_adapters: the same compiled programs.
+    train(load_config(None, [*args, "train.steps=4", "train.workdir=lora", "adapt.init=base", "adapt.method=lora",
+                             "adapt.lora_rank=4", "adapt.lora_targets=q,v,up"]), log=lambda m: None)
     here = np.asarray(jaxlm.load("lora").logits(IDS))
     assert json.loads((tmp_path / "lora" / "config.json").read_text())["adapt"]["init"] == str(tmp_path / "base")
     (tmp_path / "elsewhere").mkdir()
@@ -248,22 +249,41 @@ def test_pruned_weights_stay_zero_while_fine_tuning(base_run, tmp_path):
 
 # Distillation ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("beta", [0.0, 0.7])
-def test_distillation_loss_equals_the_formula(beta):
+DISTILL_T, DISTILL_ALPHA, DISTILL_BETAS = 2.0, 0.3, (0.0, 0.7)
+
+
+@pytest.fixture(scope="module")
+def distill_outputs():
+    """Student and teacher logits and attention maps and jaxlm's distillation loss for every beta, from
+    one compiled program (models built inside it), not every operation dispatched on its own."""
     from jaxlm.compress.distill import layer_pairs
     from jaxlm.train import StepSpec, loss_sums
 
-    student = build_model(ModelConfig.preset("gpt2-tiny", **SMALL))
-    teacher = build_model(ModelConfig.preset("gpt2-tiny", **{**SMALL, "n_layers": 4, "d_model": 48, "n_heads": 6}), 1)
+    s_cfg = ModelConfig.preset("gpt2-tiny", **SMALL)
+    t_cfg = ModelConfig.preset("gpt2-tiny", **{**SMALL, "n_layers": 4, "d_model": 48, "n_heads": 6})
     rows = jnp.asarray(np.random.RandomState(1).randint(0, 96, (3, 11)))
     pairs = layer_pairs(2, 4)
     assert pairs == ((0, 1), (1, 3))
-    T, alpha = 2.0, 0.3
-    spec = StepSpec("distill", temperature=T, alpha=alpha, attention_weight=beta, layer_pairs=pairs)
-    total, n, _ = loss_sums(student, rows, spec, teacher=teacher)
+    specs = {beta: StepSpec("distill", temperature=DISTILL_T, alpha=DISTILL_ALPHA, attention_weight=beta,
+                            layer_pairs=pairs) for beta in DISTILL_BETAS}
+    x = rows[:, :-1]
 
-    x, y = rows[:, :-1], np.asarray(rows[:, 1:])
-    s, t = np.asarray(student(x), np.float64), np.asarray(teacher(x), np.float64)
+    @jax.jit
+    def outputs():
+        student, teacher = build_model(s_cfg), build_model(t_cfg, 1)
+        losses = {beta: loss_sums(student, rows, spec, teacher=teacher)[:2] for beta, spec in specs.items()}
+        return losses, student(x), teacher(x), student.attention_maps(x), teacher.attention_maps(x)
+
+    return rows, pairs, jax.tree.map(np.asarray, outputs())
+
+
+@pytest.mark.parametrize("beta", DISTILL_BETAS)
+def test_distillation_loss_equals_the_formula(distill_outputs, beta):
+    rows, pairs, (losses, s, t, sm, tm) = distill_outputs
+    total, n = losses[beta]
+    T, alpha = DISTILL_T, DISTILL_ALPHA
+    y = np.asarray(rows[:, 1:])
+    s, t = np.asarray(s, np.float64), np.asarray(t, np.float64)
 
     def log_softmax(z):
         z = z - z.max(-1, keepdims=True)
@@ -271,7 +291,6 @@ def test_distillation_loss_equals_the_formula(beta):
 
     kl = (np.exp(log_softmax(t / T)) * (log_softmax(t / T) - log_softmax(s / T))).sum(-1)
     ce = -np.take_along_axis(log_softmax(s), y[..., None], -1)[..., 0]
-    sm, tm = np.asarray(student.attention_maps(x)), np.asarray(teacher.attention_maps(x))
     # 4 student heads vs 6 teacher heads: compare the head averages
     mse = np.mean([np.mean((sm[a].mean(1) - tm[b].mean(1)) ** 2) for a, b in pairs])
     want = (alpha * T ** 2 * kl + (1 - alpha) * ce).sum() + beta * mse * y.size
@@ -312,10 +331,14 @@ def test_soft_prompt_generation_equals_full_forward():
     lm = LM(cfg, _params(cfg))
     prompts = [[3, 4, 5, 6], [7, 8]]
     out = lm.generate(prompts, max_new_tokens=6)
+    width = max(map(len, prompts)) + 6
     for r, row in zip(prompts, out):
         seq = list(r)
         for _ in range(6):  # greedy by hand over the full forward pass (soft prompt included)
-            seq.append(int(np.argmax(np.asarray(lm.logits(np.array([seq])))[0, -1])))
+            # right-padded to one width (masked): one compiled forward, not one per length
+            n = len(seq)
+            logits = lm.logits(np.array([seq + [0] * (width - n)]), np.arange(width)[None] < n)
+            seq.append(int(np.argmax(np.asarray(logits)[0, n - 1])))
         assert list(row[-6:]) == seq[len(r):]
     base = LM(cfg.replace(prompt_length=0), tree.split(lm.params, lambda p: p == ("prompt",))[1])
     assert float(jnp.abs(base.logits(IDS) - lm.logits(IDS)).max()) > 1e-3  # the prompt matters
@@ -365,22 +388,27 @@ def test_head_pruning_equals_zeroing_the_dropped_heads(scan):
     assert tree.count_params(small) < tree.count_params(params)
 
 
-def test_compress_commands_write_loadable_models(base_run, tmp_path):
-    import subprocess
-    import sys
+def test_compress_commands_write_loadable_models(base_run, tmp_path, capsys):
+    from jaxlm.cli import main
 
     root, _ = base_run
     src = root / "base"
 
     def run(*args):
-        return subprocess.run([sys.executable, "-m", "jaxlm.cli", *map(str, args)], capture_output=True, text=True)
+        """The command line in this process (nothing here needs a process of its own): exit code, stderr."""
+        capsys.readouterr()
+        try:
+            code = main(list(map(str, args)))
+        except SystemExit as e:  # argparse's errors
+            code = e.code
+        return code, capsys.readouterr().err
 
     ref = jaxlm.load(src)
     for cmd, extra in [("quantize", []), ("lowrank", ["--rank", "8"]), ("prune", ["--sparsity", "0.5"]),
                        ("prune", ["--heads", "2"]), ("merge", [])]:
         dst = tmp_path / f"{cmd}{len(extra)}{extra[-1] if extra else ''}"
-        r = run(cmd, src, dst, *extra)
-        assert r.returncode == 0, r.stderr
+        code, err = run(cmd, src, dst, *extra)
+        assert code == 0, err
         lm = jaxlm.load(dst)
         assert lm.generate(["def "], max_new_tokens=4)[0] is not None
         if cmd == "merge":
@@ -394,7 +422,7 @@ def test_compress_commands_write_loadable_models(base_run, tmp_path):
                           (["lowrank", src, tmp_path / "x", "--rank", "99"], "factor rank 99 is larger than kernel"),
                           (["lowrank", src, tmp_path / "x", "--rank", "2", "--targets", "up,mlp"],
                            "factor target 'mlp' matches no kernel")]:
-        r = run(*args)
-        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
-        assert message in r.stderr or __import__("re").search(message, r.stderr), r.stderr
+        code, err = run(*args)  # an uncaught exception would fail the test here
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+        assert message in err or __import__("re").search(message, err), err
         assert not (tmp_path / "x").exists()

@@ -136,6 +136,28 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_tokenizer_train(args) -> int:
+    from jaxlm.data import file_texts, resolve_paths
+    from jaxlm.io.atomic import atomic_dir, check_destination
+    from jaxlm.tokenizer import train_tokenizer
+
+    check_destination(args.out, overwrite=args.overwrite)  # before the (long) training
+    files = [f for spec in args.data for f in resolve_paths(spec)]
+    t0 = time.perf_counter()
+    texts, stats = file_texts(files, log=_log)
+    tok = train_tokenizer(texts, args.vocab_size, args.type, min_frequency=args.min_frequency)
+    skipped = stats["skipped"]
+    if not stats["bytes"]:
+        raise ValueError(f"the {len(files)} files hold no text to train a tokenizer on"
+                         + (f" ({len(skipped)} binary or not UTF-8)" if skipped else ""))
+    with atomic_dir(args.out, args.overwrite) as tmp:
+        tok.save(tmp)
+    note = f"; skipped {len(skipped)} binary or non-UTF-8 files" if skipped else ""
+    _log(f"trained a {args.type} tokenizer of {tok.vocab_size} tokens on {len(files) - len(skipped)} files in "
+         f"{time.perf_counter() - t0:.1f}s{note}: {args.out} (use data.tokenizer={args.out})")
+    return 0
+
+
 def cmd_plot(args) -> int:
     from jaxlm.report import plot_losses
 
@@ -344,6 +366,21 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--scope", choices=("global", "layer"), default="global")
     pr.set_defaults(func=cmd_prune)
 
+    tk = sub.add_parser("tokenizer", help="train a tokenizer on text files (for data.tokenizer=)")
+    tks = tk.add_subparsers(dest="action", required=True, metavar="ACTION")
+    tt = tks.add_parser("train", help="train a BPE / WordPiece / Unigram tokenizer with the tokenizers library",
+                        description="Train a tokenizer on DATA (files, directories, globs; binary or non-UTF-8 "
+                                    "files are skipped and counted) and write tokenizer.json + "
+                                    "tokenizer_config.json to --out, for data.tokenizer=OUT.")
+    tt.add_argument("data", nargs="+", metavar="DATA")
+    tt.add_argument("--vocab-size", type=int, required=True)
+    tt.add_argument("--type", choices=("bpe", "wordpiece", "unigram"), default="bpe",
+                    help="bpe: GPT-2's byte level (every text round-trips; default); wordpiece: BERT's; unigram")
+    tt.add_argument("--min-frequency", type=int, default=2, help="pairs seen fewer times are not merged (default 2)")
+    tt.add_argument("--out", "-o", default="tokenizer", help="output directory (default: tokenizer)")
+    tt.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    tt.set_defaults(func=cmd_tokenizer_train)
+
     pl = sub.add_parser("plot", help="PNG of the training and validation loss curves of a workdir")
     pl.add_argument("workdir", metavar="WORKDIR")
     pl.add_argument("-o", "--output", help="PNG path (default: WORKDIR/loss.png)")
@@ -365,7 +402,8 @@ def main(argv=None) -> int:
         _log("jaxlm: interrupted")
         return 130
     except (ValueError, OSError, RuntimeError) as e:  # includes TrainingError
-        _log(f"jaxlm {args.command}: error: {e}")
+        command = " ".join(filter(None, (args.command, getattr(args, "action", None))))
+        _log(f"jaxlm {command}: error: {e}")
         return 2
 
 

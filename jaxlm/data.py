@@ -21,6 +21,7 @@ import hashlib
 import os
 import sys
 import sysconfig
+import time
 import zlib
 from pathlib import Path
 
@@ -50,6 +51,39 @@ def resolve_paths(spec: str) -> list[Path]:
             raise ValueError(f"data path {part} holds no files")
         files += found
     return files
+
+
+def file_texts(files, log=None, every: int = 1000):
+    """(texts, stats): an iterator over the UTF-8 text of each file, and a dict it fills as it goes
+    ("bytes" read as text, "skipped": files skipped as binary or not UTF-8, each named in the log)."""
+    stats = {"bytes": 0, "skipped": []}
+
+    t0 = time.perf_counter()
+
+    def texts():
+        for i, f in enumerate(files, 1):
+            data = Path(f).read_bytes()
+            try:
+                if b"\0" in data:  # valid UTF-8, but binary
+                    raise UnicodeDecodeError("utf-8", data, data.index(b"\0"), data.index(b"\0") + 1, "NUL byte")
+                text = data.decode("utf-8")
+            except UnicodeDecodeError:
+                stats["skipped"].append(f)
+                if log is not None:
+                    log(f"skipped {f}: binary or not UTF-8 text")
+                continue
+            stats["bytes"] += len(data)
+            if log is not None and i % every == 0:
+                progress(i)
+            yield text
+        if log is not None:
+            progress(len(files))
+
+    def progress(i):
+        mb, dt = stats["bytes"] / 1e6, time.perf_counter() - t0
+        log(f"read {i}/{len(files)} files, {mb:.1f} MB ({mb / max(dt, 1e-9):.1f} MB/s)")
+
+    return texts(), stats
 
 
 def default_corpus_files() -> list[Path]:

@@ -183,9 +183,16 @@ def _token_str(value) -> str | None:
 
 
 def load_tokenizer(directory) -> Tokenizer | None:
-    """The tokenizer stored in a model directory, or None if it holds no tokenizer files."""
+    """The tokenizer stored in a model directory (or a ``tokenizer.json`` file, with the
+    ``tokenizer_config.json`` beside it if any), or None if it holds no tokenizer files."""
     d = Path(directory)
-    files = {n: (d / n).read_bytes() for n in TOKENIZER_FILES if (d / n).is_file()}
+    if d.is_file():
+        files = {"tokenizer.json": d.read_bytes()}
+        if (d.parent / "tokenizer_config.json").is_file():
+            files["tokenizer_config.json"] = (d.parent / "tokenizer_config.json").read_bytes()
+        d = d.parent
+    else:
+        files = {n: (d / n).read_bytes() for n in TOKENIZER_FILES if (d / n).is_file()}
     conf = json.loads(files.get("tokenizer_config.json", b"{}"))
     if conf.get("tokenizer_class") == "jaxlm.ByteTokenizer":
         template = files.get("chat_template.jinja")
@@ -253,3 +260,61 @@ def copy_tokenizer_files(src, dst) -> list[str]:
             shutil.copyfile(Path(src, name), Path(dst, name))
             copied.append(name)
     return copied
+
+
+TOKENIZER_TYPES = ("bpe", "wordpiece", "unigram")
+
+
+def train_tokenizer(texts, vocab_size: int, kind: str = "bpe", *, min_frequency: int = 2,
+                    length: int | None = None) -> HFTokenizer:
+    """A new tokenizer trained on ``texts`` (an iterable of strings) by ``tokenizers``' trainers.
+
+    bpe: GPT-2's byte-level BPE (every text round-trips: the 256 bytes are in the vocabulary) with
+    ``<|endoftext|>`` as EOS and padding; wordpiece: BERT's (lower-cased, [CLS] ... [SEP], [MASK]);
+    unigram: SentencePiece's model over Metaspace pieces (``<unk>`` for unseen characters).
+    """
+    from tokenizers import trainers
+
+    if kind not in TOKENIZER_TYPES:
+        raise ValueError(f"--type={kind} is not one of {', '.join(TOKENIZER_TYPES)}")
+    if kind == "bpe":
+        special = {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "bos_token": "<|endoftext|>"}
+        tok = _Backend(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+        floor = len(alphabet) + 1
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
+                                      special_tokens=["<|endoftext|>"], initial_alphabet=alphabet)
+    elif kind == "wordpiece":
+        special = {"cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]", "unk_token": "[UNK]",
+                   "mask_token": "[MASK]", "eos_token": "[SEP]"}
+        tok = _Backend(models.WordPiece(unk_token="[UNK]"))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece(prefix="##")
+        floor = 6
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
+                                            special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    else:
+        special = {"unk_token": "<unk>", "eos_token": "</s>", "pad_token": "<pad>", "bos_token": "<s>"}
+        tok = _Backend(models.Unigram())
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.decoder = decoders.Metaspace()
+        floor = 5
+        trainer = trainers.UnigramTrainer(vocab_size=vocab_size, show_progress=False, unk_token="<unk>",
+                                          special_tokens=["<pad>", "<unk>", "<s>", "</s>"])
+    if vocab_size < floor:
+        raise ValueError(f"--vocab-size={vocab_size} is too small for a {kind} tokenizer: at least {floor}")
+    texts = iter(texts)
+    tok.train_from_iterator(texts, trainer, length=length)
+    if tok.get_vocab_size() == 0:
+        raise ValueError("the data holds no text to train a tokenizer on")
+    if kind == "wordpiece":
+        cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1 << 30, **special}
+    files = {"tokenizer.json": tok.to_str().encode("utf-8"),
+             "tokenizer_config.json": (json.dumps(config, indent=2) + "\n").encode("utf-8")}
+    return HFTokenizer(tok, files, special)

@@ -37,6 +37,7 @@ import json
 import os
 import textwrap
 import warnings
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -295,6 +296,25 @@ def chat_template(data_cfg, tokenizer) -> str | None:
     return getattr(tokenizer, "chat_template", None)
 
 
+_STATEMENT_FIELDS = frozenset({"body", "handlers", "orelse", "finalbody", "cases"})
+
+
+def _function_defs(tree):
+    """The function definitions ``ast.walk`` finds, in its (breadth-first) order, visiting only
+    statements (and except / case clauses): a definition is a statement, never inside an expression,
+    so the expressions (most of a module's nodes) need no visit."""
+    todo = deque([tree])
+    while todo:
+        node = todo.popleft()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            yield node
+        for name in node._fields:  # in field order, as ast.iter_child_nodes
+            if name in _STATEMENT_FIELDS:
+                value = getattr(node, name, None)
+                if isinstance(value, list):
+                    todo.extend(value)
+
+
 def _functions(text: str):
     """(prompt, body) of each function with a docstring and at least two more lines: the def
     line(s) and docstring, and the rest, dedented."""
@@ -305,9 +325,8 @@ def _functions(text: str):
     except (SyntaxError, ValueError):  # a few test files are invalid on purpose
         return
     lines = text.splitlines()
-    for node in ast.walk(tree):
-        if not (isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and ast.get_docstring(node)
-                and len(node.body) >= 2):
+    for node in _function_defs(tree):
+        if not (ast.get_docstring(node) and len(node.body) >= 2):
             continue
         block = textwrap.dedent("\n".join(lines[node.lineno - 1:node.end_lineno])).splitlines()
         k = node.body[0].end_lineno - node.lineno + 1

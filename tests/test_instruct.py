@@ -2,14 +2,12 @@
 against cross-entropy computed directly, the DPO loss against its formula in float64, bad input."""
 
 import json
-import os
 import re
-import subprocess
-import sys
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from jaxlm import ModelConfig, build_model
 from jaxlm.chat import render
@@ -32,12 +30,26 @@ def write_jsonl(path, rows):
     return str(path)
 
 
+# Compiled once per model layout (eager calls would compile every operation for every length).
+@nnx.jit
+def forward(model, inputs, segments=None):
+    return model(inputs, segment_ids=segments)
+
+
+loss_sums_jit = nnx.jit(loss_sums, static_argnums=2)  # (model, batch, spec, reference=...)
+
+
 def nll64(model, ids):
-    """-log p(ids[t + 1] | ids[:t + 1]) for one sequence run alone, in float64: [len(ids) - 1]."""
-    logits = np.asarray(model(jnp.asarray(ids[None, :-1])), np.float64)[0]
+    """-log p(ids[t + 1] | ids[:t + 1]) for one sequence run alone, in float64: [len(ids) - 1].
+    Right-padded to the model's context, so one compiled forward serves every length: a causal
+    model's logits at the sequence's positions never see the positions after them."""
+    n = len(ids) - 1
+    inputs = np.zeros((1, model.config.context), np.int32)
+    inputs[0, :n] = ids[:-1]
+    logits = np.asarray(forward(model, jnp.asarray(inputs)), np.float64)[0, :n]
     logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
         - logits.max(-1, keepdims=True)
-    return -logp[np.arange(len(ids) - 1), ids[1:]]
+    return -logp[np.arange(n), ids[1:]]
 
 
 def test_chat_rendering_learns_exactly_the_assistant_turns():
@@ -85,7 +97,7 @@ def test_sft_loss_is_cross_entropy_over_learned_tokens_of_each_example_alone(tmp
     assert rows.stats["rows"] < rows.stats["examples"]  # several examples share rows
     batch = {k: jnp.asarray(v) for k, v in rows.arrays.items()}
     model = build_model(CONFIGS[name])
-    total, count, _ = loss_sums(model, batch, StepSpec("sft"))
+    total, count, _ = loss_sums_jit(model, batch, StepSpec("sft"))
 
     renderer = Renderer(ByteTokenizer(), None)
     want_sum, want_count = 0.0, 0
@@ -100,7 +112,7 @@ def test_sft_loss_is_cross_entropy_over_learned_tokens_of_each_example_alone(tmp
     np.testing.assert_allclose(float(total) / float(count), want_sum / want_count, rtol=1e-5)
 
     # Every packed example's token losses equal its losses alone (atol 1e-5).
-    logits = np.asarray(model(batch["inputs"], segment_ids=batch["segments"]), np.float64)
+    logits = np.asarray(forward(model, batch["inputs"], batch["segments"]), np.float64)
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     packed_nll = -np.take_along_axis(logp, np.asarray(batch["targets"])[..., None], -1)[..., 0]
     found = sorted((packed_nll[r][rows.arrays["segments"][r] == s].round(4).tolist()
@@ -120,14 +132,14 @@ def test_prompt_tokens_get_no_loss_and_no_gradient(tmp_path):
     rows = example_rows(data, "train", ByteTokenizer(), "sft")
     batch = {k: jnp.asarray(v) for k, v in rows.arrays.items()}
     model = build_model(CONFIGS["gpt2"])
-    base = float(loss_sums(model, batch, StepSpec("sft"))[0])
+    base = float(loss_sums_jit(model, batch, StepSpec("sft"))[0])
     prompt = (rows.arrays["weights"] == 0) & (rows.arrays["segments"] > 0)
     targets = np.where(prompt, (rows.arrays["targets"] + 7) % 256, rows.arrays["targets"])
-    moved = float(loss_sums(model, {**batch, "targets": jnp.asarray(targets)}, StepSpec("sft"))[0])
+    moved = float(loss_sums_jit(model, {**batch, "targets": jnp.asarray(targets)}, StepSpec("sft"))[0])
     assert moved == base  # exactly: prompt targets take no part in the loss
     learned = rows.arrays["weights"] > 0
     targets = np.where(learned, (rows.arrays["targets"] + 7) % 256, rows.arrays["targets"])
-    assert float(loss_sums(model, {**batch, "targets": jnp.asarray(targets)}, StepSpec("sft"))[0]) != base
+    assert float(loss_sums_jit(model, {**batch, "targets": jnp.asarray(targets)}, StepSpec("sft"))[0]) != base
 
 
 @pytest.mark.parametrize("name", ["gpt2", "rope-gqa"])
@@ -139,7 +151,7 @@ def test_clm_segments_from_eos_equal_each_document_alone(name):
     row = np.concatenate([docs[0], [eos], docs[1], [eos], docs[2], [eos], rng.integers(0, 256, 3)])[None]
     model = build_model(cfg)
     spec = StepSpec("clm", segments_eos=eos)
-    total, count, _ = loss_sums(model, jnp.asarray(row), spec)
+    total, count, _ = loss_sums_jit(model, jnp.asarray(row), spec)
     inputs = row[:, :-1]
     segments = np.asarray(segments_from_eos(jnp.asarray(inputs), eos))
     want = 0.0
@@ -148,7 +160,7 @@ def test_clm_segments_from_eos_equal_each_document_alone(name):
         want += nll64(model, ids).sum()
     assert float(count) == inputs.shape[1]
     np.testing.assert_allclose(float(total), want, rtol=1e-5)
-    assert abs(float(loss_sums(model, jnp.asarray(row), StepSpec("clm"))[0]) - want) > 1e-3  # eos packing differs
+    assert abs(float(loss_sums_jit(model, jnp.asarray(row), StepSpec("clm"))[0]) - want) > 1e-3  # eos packing differs
 
 
 def test_dpo_loss_equals_formula_in_float64(tmp_path):
@@ -163,7 +175,7 @@ def test_dpo_loss_equals_formula_in_float64(tmp_path):
     cfg = CONFIGS["rope-gqa"]
     policy, reference = build_model(cfg, seed=0), build_model(cfg, seed=1)
     beta = 0.3
-    total, n, stats = loss_sums(policy, batch, StepSpec("dpo", beta=beta), reference=reference)
+    total, n, stats = loss_sums_jit(policy, batch, StepSpec("dpo", beta=beta), reference=reference)
 
     renderer = Renderer(ByteTokenizer(), None)
     losses, margins, chosen_nll = [], [], []
@@ -182,16 +194,21 @@ def test_dpo_loss_equals_formula_in_float64(tmp_path):
     np.testing.assert_allclose(float(stats["reward_margin"][0]) / 8, np.mean(margins), rtol=1e-4, atol=1e-6)
     assert float(stats["reward_accuracy"][0]) == sum(m > 0 for m in margins)
     # RPO: + sft_weight x the chosen response's mean token NLL
-    rpo, _, _ = loss_sums(policy, batch, StepSpec("dpo", beta=beta, sft_weight=0.5), reference=reference)
+    rpo, _, _ = loss_sums_jit(policy, batch, StepSpec("dpo", beta=beta, sft_weight=0.5), reference=reference)
     np.testing.assert_allclose(float(rpo) / 8, np.mean(np.array(losses) + 0.5 * np.array(chosen_nll)), rtol=1e-5)
     # The reference is the policy: every pair's loss is log 2.
-    same, _, _ = loss_sums(policy, batch, StepSpec("dpo", beta=beta), reference=policy)
+    same, _, _ = loss_sums_jit(policy, batch, StepSpec("dpo", beta=beta), reference=policy)
     np.testing.assert_allclose(float(same) / 8, np.log(2), rtol=1e-6)
 
 
-def run_train(argv):
-    return subprocess.run([sys.executable, "-m", "jaxlm.cli", "train", *argv], capture_output=True, text=True,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+def run_train(argv, capsys):
+    """`jaxlm train ARGV` in this process (it stops on the data, before anything needs a process of
+    its own): exit code, stderr. An uncaught exception fails the test where it is raised."""
+    from jaxlm.cli import main
+
+    capsys.readouterr()
+    code = main(["train", *map(str, argv)])
+    return code, capsys.readouterr().err
 
 
 BAD = {
@@ -210,18 +227,18 @@ BAD = {
 
 
 @pytest.mark.parametrize("case", list(BAD))
-def test_bad_examples_one_line_exit_2(tmp_path, tiny_byte_model, case):
+def test_bad_examples_one_line_exit_2(tmp_path, tiny_byte_model, case, capsys):
     objective, bad, extra, message = BAD[case]
     good = {"prompt": "q", "completion": "a"} if objective == "sft" else {"prompt": "q", "chosen": "a", "rejected": "b"}
     lines = [good, *bad] if case != "too_long" else [{"prompt": "x" * 100, "completion": "y"}, *bad]
     path = write_jsonl(tmp_path / "bad.jsonl", lines)
     (tmp_path / "t.jinja").write_text(TEMPLATE)
     extra = [e.format(template=tmp_path / "t.jinja", model=tiny_byte_model) for e in extra]
-    proc = run_train([f"train.objective={objective}", f"data.path={path}", "data.seq_len=32", "data.batch_size=8",
-                      "train.steps=1", f"train.workdir={tmp_path / 'run'}", "data.val_fraction=0", *extra])
-    assert proc.returncode == 2, proc.stderr
-    last = proc.stderr.strip().splitlines()[-1]
-    assert "Traceback" not in proc.stderr
+    code, err = run_train([f"train.objective={objective}", f"data.path={path}", "data.seq_len=32", "data.batch_size=8",
+                           "train.steps=1", f"train.workdir={tmp_path / 'run'}", "data.val_fraction=0", *extra], capsys)
+    assert code == 2, err
+    last = err.strip().splitlines()[-1]
+    assert "Traceback" not in err
     assert last.startswith("jaxlm train: error: ")
     assert re.search(message, last), last
 
@@ -263,7 +280,7 @@ def test_soft_prompt_models_train_on_padded_rows(tmp_path):
                       packing="pad")
     rows = example_rows(data, "train", ByteTokenizer(), "sft")
     model = build_model(CONFIGS["gpt2"].replace(prompt_length=3))
-    total, count, _ = loss_sums(model, {k: jnp.asarray(v) for k, v in rows.arrays.items()}, StepSpec("sft"))
+    total, count, _ = loss_sums_jit(model, {k: jnp.asarray(v) for k, v in rows.arrays.items()}, StepSpec("sft"))
     renderer = Renderer(ByteTokenizer(), None)
     want = sum((nll64(model, ids) * learn[1:]).sum() for ids, learn in (renderer.sft(ex, "") for ex in examples[:-1]))
     np.testing.assert_allclose(float(total), want, rtol=1e-5)

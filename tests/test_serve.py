@@ -228,7 +228,7 @@ def test_openai_client_completions(server, lm):
     chunks = list(c.completions.create(prompt=PROMPTS[0], stream=True, **kw))
     assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == alone(lm, PROMPTS[0], s)[0]
     assert chunks[-1].choices[0].finish_reason == "length" and chunks[-1].usage.completion_tokens == s["max_tokens"]
-    greedy = alone(lm, PROMPTS[1], dict(s, temperature=0.0, max_tokens=20))[0]
+    greedy = alone(lm, PROMPTS[1], dict(settings(0), max_tokens=20))[0]  # compiled by test_logprobs_stop_and_cancel
     r = c.completions.create(prompt=PROMPTS[1], max_tokens=20, temperature=0, stop=[greedy[6:9]], logprobs=2,
                              model="gpt2-chat")
     assert r.choices[0].text == greedy[:6] and r.choices[0].finish_reason == "stop"
@@ -328,7 +328,8 @@ def test_chat_without_template_and_full_queue_over_http(hf_dir):
 
 
 def test_sigterm_finishes_requests_in_flight(model_dir, lm):
-    with serve(model_dir, "--max-batch", "2") as (proc, url):
+    # The module server's engine shape: its programs come from the compilation cache.
+    with serve(model_dir, "--max-batch", "4") as (proc, url):
         body = {"model": "gpt2-chat", "prompt": PROMPTS[0], "max_tokens": 100, "temperature": 0, "stream": True}
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
             lines = r.iter_lines()
@@ -344,7 +345,10 @@ def test_sigterm_finishes_requests_in_flight(model_dir, lm):
 
 
 def test_tensor_parallel_server_gives_the_one_device_text(model_dir, lm):
-    with serve(model_dir, "mesh.tensor=2", env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}) as (_, url):
-        r = client(url).completions.create(model="gpt2-chat", prompt=PROMPTS[:2], max_tokens=24, temperature=0)
-    assert [c.text for c in r.choices] == [alone(lm, p, dict(settings(0), max_tokens=24, temperature=0.0))[0]
+    # 2 slots of 64 tokens hold both prompts at once (and warm up fewer prefill buckets than 128);
+    # 20 new tokens: the one-device reference is the greedy program of test_logprobs_stop_and_cancel.
+    with serve(model_dir, "mesh.tensor=2", "--max-batch", "2", "--max-len", "64",
+               env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}) as (_, url):
+        r = client(url).completions.create(model="gpt2-chat", prompt=PROMPTS[:2], max_tokens=20, temperature=0)
+    assert [c.text for c in r.choices] == [alone(lm, p, dict(settings(0), max_tokens=20, temperature=0.0))[0]
                                            for p in PROMPTS[:2]]

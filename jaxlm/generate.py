@@ -38,7 +38,7 @@ class Sampling:
         integer("top_k", self.top_k)
         real("top_p", self.top_p)
         if not 0 <= self.temperature < math.inf:
-            raise ValueError(f"temperature={self.temperature} must be a finite number >= 0 (0 is greedy)")
+            raise ValueError(f"temperature={self.temperature} must be >= 0 and finite (0 is greedy)")
         if not 0 <= self.top_k <= (vocab_size if vocab_size is not None else self.top_k):
             raise ValueError(f"top_k={self.top_k} must be in [0, {vocab_size or 'vocab_size'}] (0 disables it)")
         if not 0 < self.top_p <= 1:

@@ -54,8 +54,9 @@ def test_model_dirs_store_layers_apart_and_read_the_stacked_layout(gpt2, tmp_pat
     n = gpt2.config.n_layers
     assert {k.split(".")[2] for k in stored if k.startswith("layers.blocks.")} == {str(i) for i in range(n)}
     assert stored["layers.blocks.0.attn.q.kernel"][0] == (64, 4, 16)  # one layer: no layers axis
-    # A dir written by an earlier version: one array per parameter with a leading layers axis.
-    shutil.copytree(tmp_path / "m", tmp_path / "old", ignore=shutil.ignore_patterns("params"))
+    # A dir written by an earlier version: one array per parameter with a leading layers axis (and
+    # no checksums).
+    shutil.copytree(tmp_path / "m", tmp_path / "old", ignore=shutil.ignore_patterns("params", "checksums.json"))
     _, params, _ = read_model_dir(tmp_path / "m")
     ocp.save((tmp_path / "old" / "params").absolute(), stack_layers(params))
     assert param_metadata(tmp_path / "old" / "params")["layers.blocks.attn.q.kernel"][0] == (n, 64, 4, 16)

@@ -26,7 +26,8 @@ def test_convert_script_and_command(hf_dir, tmp_path):
     proc = subprocess.run([sys.executable, "scripts/convert_hf.py", str(src), str(tmp_path / "a")],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["config.json", "merges.txt", "params", "vocab.json"]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["checksums.json", "config.json", "merges.txt", "params",
+                                                                  "vocab.json"]
     assert json.loads((tmp_path / "a" / "config.json").read_text())["format"] == "jaxlm-model-v1"
 
 

@@ -24,8 +24,20 @@ VARIANTS = {
 }
 
 
+# Compiled forwards (eager calls would compile every operation for every new shape); the scan test
+# below keeps an eager reference.
+@nnx.jit
+def forward(model, ids, mask=None, segments=None, key=None):
+    return model(ids, mask, segment_ids=segments, key=key)
+
+
+@nnx.jit
+def hidden(model, ids, mask=None):
+    return model.hidden_states(ids, mask)
+
+
 def run(cfg, ids, mask=None, **kw):
-    return np.asarray(build_model(cfg.replace(**kw))(jnp.asarray(ids), None if mask is None else jnp.asarray(mask)))
+    return np.asarray(forward(build_model(cfg.replace(**kw)), jnp.asarray(ids), None if mask is None else jnp.asarray(mask)))
 
 
 @pytest.mark.parametrize("name", ["gpt2", "rope-gqa"])
@@ -97,10 +109,10 @@ def test_right_padding_keeps_real_token_hidden_states_in_encoder():
     cfg = VARIANTS["bert"]
     ids, _ = ragged_batch(cfg.vocab_size, [9], seed=3)
     model = build_model(cfg)
-    alone = np.asarray(model.hidden_states(jnp.asarray(ids)))
+    alone = np.asarray(hidden(model, jnp.asarray(ids)))
     padded = np.concatenate([ids, np.full((1, 3), 0)], axis=1)
     mask = np.concatenate([np.ones_like(ids), np.zeros((1, 3), int)], axis=1)
-    out = np.asarray(model.hidden_states(jnp.asarray(padded), jnp.asarray(mask)))
+    out = np.asarray(hidden(model, jnp.asarray(padded), jnp.asarray(mask)))
     np.testing.assert_allclose(out[:, :9], alone, atol=2e-5)
 
 
@@ -108,11 +120,11 @@ def test_dropout_only_with_key_and_reproducible():
     cfg = VARIANTS["gpt2"]
     model = build_model(cfg)
     ids = jnp.asarray(ragged_batch(cfg.vocab_size, [8], seed=4)[0])
-    eval_a, eval_b = model(ids), model(ids)
+    eval_a, eval_b = forward(model, ids), forward(model, ids)
     np.testing.assert_array_equal(np.asarray(eval_a), np.asarray(eval_b))
     k = jax.random.key(0)
-    np.testing.assert_array_equal(np.asarray(model(ids, key=k)), np.asarray(model(ids, key=k)))
-    assert not np.allclose(np.asarray(model(ids, key=k)), np.asarray(eval_a))
+    np.testing.assert_array_equal(np.asarray(forward(model, ids, key=k)), np.asarray(forward(model, ids, key=k)))
+    assert not np.allclose(np.asarray(forward(model, ids, key=k)), np.asarray(eval_a))
 
 
 def test_param_layout_is_stacked_with_logical_axes():
@@ -146,14 +158,14 @@ def test_packed_segments_equal_each_example_alone(name):
     for s, n in enumerate(lengths, 1):
         segments[0, at:at + n] = s
         at += n
-    packed = np.asarray(model(jnp.asarray(ids), segment_ids=jnp.asarray(segments)))
+    packed = np.asarray(forward(model, jnp.asarray(ids), segments=jnp.asarray(segments)))
     at = 0
     for n in lengths:
-        alone = np.asarray(model(jnp.asarray(ids[:, at:at + n])))
+        alone = np.asarray(forward(model, jnp.asarray(ids[:, at:at + n])))
         np.testing.assert_allclose(packed[:, at:at + n], alone, atol=1e-5)
         at += n
     other = ids.copy()
     other[0, :lengths[0]] = (other[0, :lengths[0]] + 3) % cfg.vocab_size  # a different example 1
-    changed = np.asarray(model(jnp.asarray(other), segment_ids=jnp.asarray(segments)))
+    changed = np.asarray(forward(model, jnp.asarray(other), segments=jnp.asarray(segments)))
     assert np.abs(changed[0, :lengths[0]] - packed[0, :lengths[0]]).max() > 1e-3
     np.testing.assert_array_equal(changed[0, lengths[0]:sum(lengths)], packed[0, lengths[0]:sum(lengths)])

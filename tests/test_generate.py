@@ -77,11 +77,12 @@ def test_greedy_matches_transformers_for_decoder_families(hf_dir, arch):
 def test_cached_decode_equals_full_forward(lm):
     """Prefill then one token at a time over the cache == the full forward, at every position."""
     model = lm.model()
-    rows = [lm.tokenizer.encode(p) for p in PROMPTS[:2]]
-    out = lm.generate(rows, max_new_tokens=12)  # left padded to the longest prompt
+    rows = [lm.tokenizer.encode(p) for p in PROMPTS]
+    new = 64  # the generation program of test_greedy_matches_transformers_left_padded_batch
+    out = lm.generate(rows, max_new_tokens=new)  # left padded to the longest prompt
     mask = np.ones(out.shape, bool)
     for i, r in enumerate(rows):
-        mask[i, :out.shape[1] - 12 - len(r)] = False
+        mask[i, :out.shape[1] - new - len(r)] = False
     ids, mask = jnp.asarray(out), jnp.asarray(mask)
 
     # Compiled (not every operation dispatched on its own): the prefill and the one-token step once
@@ -93,7 +94,7 @@ def test_cached_decode_equals_full_forward(lm):
 
     full = np.asarray(nnx.jit(lambda model: model(ids, mask))(model))
     b, t = ids.shape
-    p = t - 12
+    p = t - new
     cache = init_cache(lm.config, b, t)
     positions = positions_from_mask(mask)
     logits, cache = step(model, ids[:, :p], positions[:, :p], cache, 0)

@@ -347,9 +347,10 @@ def test_sigterm_finishes_requests_in_flight(model_dir, lm):
 
 
 def test_tensor_parallel_server_gives_the_one_device_text(model_dir, lm):
-    # 2 slots of 64 tokens hold both prompts at once (and warm up fewer prefill buckets than 128);
-    # 20 new tokens: the one-device reference is the greedy program of test_logprobs_stop_and_cancel.
-    with serve(model_dir, "mesh.tensor=2", "--max-batch", "2", "--max-len", "64",
+    # 2 slots of 32 tokens hold both prompts (< 8 tokens) and their 20 new tokens at once, and warm
+    # up 2 prefill buckets instead of 128 tokens' 4; the one-device reference is the greedy program
+    # of test_logprobs_stop_and_cancel.
+    with serve(model_dir, "mesh.tensor=2", "--max-batch", "2", "--max-len", "32",
                env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}) as (_, url):
         r = client(url).completions.create(model="gpt2-chat", prompt=PROMPTS[:2], max_tokens=20, temperature=0)
     assert [c.text for c in r.choices] == [alone(lm, p, dict(settings(0), max_tokens=20, temperature=0.0))[0]

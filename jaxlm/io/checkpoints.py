@@ -102,11 +102,15 @@ class TrainCheckpoints:
             reason = no_room(e)
             if reason is None:
                 raise
-            kept = [s for s in self.all_steps() if s != step]
-            intact = (f"the checkpoint of step {kept[-1]} is intact: free space, then run again to resume "
-                      "from it" if kept else "there is no earlier checkpoint")
             raise CheckpointWriteError(f"could not write the checkpoint of step {step} to {self.directory}: "
-                                       f"{reason}; {intact}") from None
+                                       f"{reason}; {self.intact(but=step)}") from None
+
+    def intact(self, but: int | None = None) -> str:
+        """What a run stopped by a full disk still has: the latest committed checkpoint (other
+        than step ``but``), read from the directory (also after ``close``)."""
+        steps = sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit() and int(p.name) != but)
+        return (f"the checkpoint of step {steps[-1]} is intact: free space, then run again to resume from it"
+                if steps else "there is no earlier checkpoint")
 
     def _wait_or_explain(self) -> None:
         step = self._saving

@@ -112,11 +112,8 @@ def train(cfg: Config, *, log=None, hooks=()) -> dict:
         if reason is None or isinstance(e, CheckpointWriteError):
             raise
         # Anything else the run writes (metrics.jsonl, TensorBoard files) on a full disk.
-        steps = sorted(int(p.name) for p in run.checkpoints.directory.iterdir() if p.name.isdigit())
-        intact = (f"the checkpoint of step {steps[-1]} is intact: free space, then run again to resume from it"
-                  if steps else "there is no checkpoint yet")
         raise CheckpointWriteError(f"could not write {getattr(e, 'filename', None) or run.workdir}: {reason}; "
-                                   f"{intact}") from None
+                                   f"{run.checkpoints.intact()}") from None
     finally:
         if run.lock is not None:
             run.lock.release()

@@ -4,10 +4,10 @@ import json
 import os
 
 # Tests that need several devices run on 8 simulated CPU devices; this must precede JAX's backend init.
-# The suite's programs are tiny and mostly run a few times: LLVM's -O1 instead of -O3 cuts the XLA:CPU
-# compile time of a training run by about a third and changes results only in the last bits, which no
+# The suite's programs are tiny and mostly run a few times: LLVM's -O0 instead of -O3 cuts the XLA:CPU
+# compile time of a training run by about half and changes results only in the last bits, which no
 # test relies on across settings (benchmarks and users get XLA's defaults).
-TEST_XLA_FLAGS = "--xla_backend_optimization_level=1"
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
 os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {TEST_XLA_FLAGS}")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -21,6 +21,8 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxlm-tests-xla-cache-")
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+
+import subprocess  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -44,6 +46,25 @@ def hf_dir(tmp_path_factory):
         return cache[key]
 
     return make
+
+
+@pytest.fixture
+def cli(capfd):
+    """cli(*args) -> CompletedProcess of `jaxlm ARGS` run in this process, its output captured at the
+    file-descriptor level (C++ and logging output counts too). For error paths, which need no fresh
+    process (a fresh one costs ~2.5 s of imports); tests that kill or resume start real ones."""
+    from jaxlm.cli import main
+
+    def run(*args):
+        capfd.readouterr()
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as e:
+            code = e.code
+        out, err = capfd.readouterr()
+        return subprocess.CompletedProcess(["jaxlm", *map(str, args)], code, out, err)
+
+    return run
 
 
 def stdlib_slice(root, n=30):

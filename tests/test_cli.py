@@ -31,19 +31,19 @@ def test_convert_script_and_command(hf_dir, tmp_path):
     assert json.loads((tmp_path / "a" / "config.json").read_text())["format"] == "jaxlm-model-v1"
 
 
-def test_missing_and_empty_sources(tmp_path):
-    assert_one_line_error(jaxlm_cmd("convert", tmp_path / "nope", tmp_path / "out"), r"nope does not exist")
+def test_missing_and_empty_sources(cli, tmp_path):
+    assert_one_line_error(cli("convert", tmp_path / "nope", tmp_path / "out"), r"nope does not exist")
     (tmp_path / "empty").mkdir()
-    assert_one_line_error(jaxlm_cmd("convert", tmp_path / "empty", tmp_path / "out"),
+    assert_one_line_error(cli("convert", tmp_path / "empty", tmp_path / "out"),
                           r"holds no model: config.json not found")
     (tmp_path / "cfg").mkdir()
     (tmp_path / "cfg" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    assert_one_line_error(jaxlm_cmd("convert", tmp_path / "cfg", tmp_path / "out"), r"holds no weights")
+    assert_one_line_error(cli("convert", tmp_path / "cfg", tmp_path / "out"), r"holds no weights")
     assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("damage", ["truncated", "header_size", "header_json"])
-def test_damaged_safetensors_named_in_one_line_and_no_output(hf_dir, tmp_path, damage):
+def test_damaged_safetensors_named_in_one_line_and_no_output(cli, hf_dir, tmp_path, damage):
     """safetensors checks its header and that the tensors cover the file exactly; jaxlm names the
     file in one line (a flipped byte inside a tensor has no checksum to fail: not detectable)."""
     src = tmp_path / "src"
@@ -53,44 +53,44 @@ def test_damaged_safetensors_named_in_one_line_and_no_output(hf_dir, tmp_path, d
     f.write_bytes({"truncated": data[:len(data) // 2], "header_size": b"\xff" * 8 + data[8:],
                    "header_json": data[:12] + b"#" + data[13:]}[damage])
     for argv in (("convert", src, tmp_path / "out"), ("generate", src, "--prompt", "a")):
-        assert_one_line_error(jaxlm_cmd(*argv), rf"{re.escape(str(f))} is damaged or not a safetensors file")
+        assert_one_line_error(cli(*argv), rf"{re.escape(str(f))} is damaged or not a safetensors file")
     assert not (tmp_path / "out").exists()
 
 
-def test_unsupported_architecture_names_supported_ones(tmp_path):
+def test_unsupported_architecture_names_supported_ones(cli, tmp_path):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "falcon", "architectures": ["FalconForCausalLM"]}))
-    assert_one_line_error(jaxlm_cmd("convert", tmp_path / "m", tmp_path / "out"),
+    assert_one_line_error(cli("convert", tmp_path / "m", tmp_path / "out"),
                           r"unsupported architecture FalconForCausalLM \(model_type 'falcon'\); supported: GPT2LMHeadModel, "
                           r"GPT2Model, BertModel, BertForMaskedLM, BertForSequenceClassification, LlamaForCausalLM, "
                           r"MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, GemmaForCausalLM, Gemma2ForCausalLM$")
 
 
-def test_shape_mismatch_names_tensor_and_leaves_no_output(hf_dir, tmp_path):
+def test_shape_mismatch_names_tensor_and_leaves_no_output(cli, hf_dir, tmp_path):
     src = tmp_path / "bad"
     shutil.copytree(hf_dir("BertForMaskedLM"), src)
     cfg = json.loads((src / "config.json").read_text())
     cfg["intermediate_size"] = 128
     (src / "config.json").write_text(json.dumps(cfg))
-    assert_one_line_error(jaxlm_cmd("convert", src, tmp_path / "out"),
+    assert_one_line_error(cli("convert", src, tmp_path / "out"),
                           r"weight bert\.encoder\.layer\.0\.(intermediate|output)\.dense\.(weight|bias) has shape")
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp dirs left
 
 
-def test_non_empty_destination_refused_and_preserved(hf_dir, tmp_path):
+def test_non_empty_destination_refused_and_preserved(cli, hf_dir, tmp_path):
     dst = tmp_path / "dst"
     dst.mkdir()
     (dst / "mine.txt").write_text("keep me")
-    assert_one_line_error(jaxlm_cmd("convert", hf_dir("GPT2LMHeadModel"), dst), r"not empty; pass --overwrite")
+    assert_one_line_error(cli("convert", hf_dir("GPT2LMHeadModel"), dst), r"not empty; pass --overwrite")
     assert (dst / "mine.txt").read_text() == "keep me"
     # A failing --overwrite conversion leaves the old destination untouched.
     bad = tmp_path / "bad"
     shutil.copytree(hf_dir("GPT2LMHeadModel"), bad)
     (bad / "model.safetensors").unlink()
-    assert_one_line_error(jaxlm_cmd("convert", bad, dst, "--overwrite"), r"holds no weights")
+    assert_one_line_error(cli("convert", bad, dst, "--overwrite"), r"holds no weights")
     assert (dst / "mine.txt").read_text() == "keep me"
-    proc = jaxlm_cmd("convert", hf_dir("GPT2LMHeadModel"), dst, "--overwrite")
+    proc = cli("convert", hf_dir("GPT2LMHeadModel"), dst, "--overwrite")
     assert proc.returncode == 0 and not (dst / "mine.txt").exists() and (dst / "params").is_dir()
 
 
@@ -133,7 +133,7 @@ def test_generate_json_and_streaming(hf_dir, tmp_path):
     (["train.steps=3"], r"jaxlm generate takes only mesh.\* settings \(e.g. mesh.tensor=2\); got 'train.steps=3'"),
     (["mesh.tensor=16"], "does not fit 8 devices"),
 ])
-def test_generate_bad_input_exits_2(hf_dir, flags, message):
-    proc = jaxlm_cmd("generate", hf_dir("GPT2LMHeadModel"), "--prompt", "Hi", *flags)
+def test_generate_bad_input_exits_2(cli, hf_dir, flags, message):
+    proc = cli("generate", hf_dir("GPT2LMHeadModel"), "--prompt", "Hi", *flags)
     assert_one_line_error(proc, message)
     assert proc.stdout == ""

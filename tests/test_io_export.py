@@ -3,8 +3,6 @@ write (logits within 1e-4), bfloat16 kept bit for bit, shards with an index, bad
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -102,11 +100,7 @@ def test_sharded_export_writes_an_index_transformers_reads(hf_dir, tmp_path):
                                np.asarray(jaxlm.load(src).logits(ids, mask))[real], atol=TOL)
 
 
-def jaxlm_cmd(*args):
-    return subprocess.run([sys.executable, "-m", "jaxlm.cli", *map(str, args)], capture_output=True, text=True)
-
-
-def test_bad_export_input_is_one_line_and_writes_nothing(hf_dir, tmp_path):
+def test_bad_export_input_is_one_line_and_writes_nothing(cli, hf_dir, tmp_path):
     from jaxlm.compress.quantize import quantize_int8
 
     src = hf_dir("GPT2LMHeadModel")
@@ -123,7 +117,7 @@ def test_bad_export_input_is_one_line_and_writes_nothing(hf_dir, tmp_path):
         ((tmp_path / "cls", tmp_path / "x"), "gpt2 has no Hugging Face tensor for parameter classifier.bias"),
         ((src, tmp_path / "x", "--peft"), "--peft: .* has no LoRA adapters"),
     ]:
-        r = jaxlm_cmd("export", *args)
+        r = cli("export", *args)
         lines = [x for x in r.stderr.splitlines() if x.strip()]
         assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
         assert re.search(message, lines[0]), lines[0]

@@ -304,8 +304,8 @@ def test_decoder_families_learn(corpus, tmp_path, preset):
     (["data.seq_len=40"], r"data.seq_len=40 exceeds the model's context of 32 tokens \(model.max_len, less"),
     (["model.prompt_length=4"], "data.seq_len=32 exceeds the model's context of 28 tokens"),
 ])
-def test_bad_input_one_line(corpus, tmp_path, extra, message):
-    proc = run_cli(args(corpus, tmp_path / "w", *extra))
+def test_bad_input_one_line(cli, corpus, tmp_path, extra, message):
+    proc = cli("train", *args(corpus, tmp_path / "w", *extra))
     assert proc.returncode == 2
     lines = [x for x in proc.stderr.splitlines() if x.strip() and not x.startswith("WARNING")]
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr

@@ -136,6 +136,24 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_data_prepare(args) -> int:
+    from jaxlm.config import load_config
+    from jaxlm.data import prepared
+    from jaxlm.train import data_tokenizer
+
+    bad = [o for o in args.overrides if not o.startswith("data.")]
+    if bad:
+        raise ValueError(f"jaxlm data prepare takes only data.* settings; got {bad[0]!r}")
+    if args.workers < 1:
+        raise ValueError(f"--workers={args.workers} must be >= 1")
+    cfg = load_config(args.config, args.overrides)
+    tokenizer = data_tokenizer(cfg.data)
+    for source, _, out, _ in prepared(cfg.data, tokenizer, _log, workers=args.workers,
+                                      beam_args=args.beam_args if args.beam else None):
+        _log(f"ready: {out} (data.data_dir={cfg.data.data_dir or '~/.cache/jaxlm'})")
+    return 0
+
+
 def cmd_tokenizer_train(args) -> int:
     from jaxlm.data import file_texts, resolve_paths
     from jaxlm.io.atomic import atomic_dir, check_destination
@@ -381,6 +399,20 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     tt.set_defaults(func=cmd_tokenizer_train)
 
+    dt = sub.add_parser("data", help="prepare training data ahead of time (token shards)")
+    dts = dt.add_subparsers(dest="action", required=True, metavar="ACTION")
+    dp = dts.add_parser("prepare", help="tokenize the data.* sources into token shards (what jaxlm train reads)",
+                        description="Tokenize every source of the data settings (data.path, data.tfds_name or "
+                                    "data.mixture; data.tokenizer, data.data_dir) into token shards, as jaxlm "
+                                    "train would before its first step. Resumable: complete shards are kept. "
+                                    "With --beam, the work runs as an Apache Beam pipeline; other --options "
+                                    "are Beam pipeline options (e.g. --runner=DataflowRunner --project=P).")
+    dp.add_argument("--config", help="YAML file of overrides (its data.* settings are used)")
+    dp.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE", help="data.* settings")
+    dp.add_argument("--workers", type=int, default=1, help="local processes sharing the work (default 1)")
+    dp.add_argument("--beam", action="store_true", help="run as an Apache Beam pipeline (pip install 'jaxlm[beam]')")
+    dp.set_defaults(func=cmd_data_prepare)
+
     pl = sub.add_parser("plot", help="PNG of the training and validation loss curves of a workdir")
     pl.add_argument("workdir", metavar="WORKDIR")
     pl.add_argument("-o", "--output", help="PNG path (default: WORKDIR/loss.png)")
@@ -391,6 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    if getattr(args, "beam", False):  # `jaxlm data prepare --beam`: other --options are Beam's
+        args.beam_args = [e for e in extra if e.startswith("--")]
+        extra = [e for e in extra if not e.startswith("--")]
     # KEY=VALUE settings may come anywhere, also after options (argparse takes them only before).
     if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
         args.overrides = [*args.overrides, *extra]

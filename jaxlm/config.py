@@ -360,6 +360,9 @@ class DataConfig:
 
     path: str | None = None  # files, directories or globs, comma-separated
     tfds_name: str | None = None  # a prepared tensorflow-datasets catalog dataset, e.g. "lm1b"
+    # Weighted sources instead of path / tfds_name: "SRC:W,SRC:W", SRC a path, directory or glob, or
+    # tfds:NAME; rows are drawn in proportion to the weights (grain's mix), deterministically.
+    mixture: str = ""
     text_key: str = "text"
     label_key: str = "label"  # train.objective=classify: the label column / key / feature
     unit: str = "file"  # one example per file or per line (local text)

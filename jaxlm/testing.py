@@ -118,3 +118,30 @@ def kill_while_writing(argv, dst, delay: float, *, watch=None, env=None, timeout
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(map(str, argv))} failed ({proc.returncode}): {err}")
     return "finished"
+
+
+def prepare_tiny_tfds(data_dir, train: int = 60, test: int = 10) -> str:
+    """Prepare the tfds catalog dataset "jaxlm_test_text" (registered by its class name, defined in
+    this package: tfds looks up builder resources by package) in data_dir, offline; its examples are
+    {"text": "catalog example I"}, I < train in "train", then `test` more in "test". Returns its name."""
+    import tensorflow_datasets as tfds
+
+    global _TinyText
+    if "_TinyText" not in globals():
+        class JaxlmTestText(tfds.core.GeneratorBasedBuilder):
+            VERSION = tfds.core.Version("1.0.0")
+
+            def _info(self):
+                return self.dataset_info_from_configs(
+                    features=tfds.features.FeaturesDict({"text": tfds.features.Text()}))
+
+            def _split_generators(self, dl_manager):
+                return {"train": self._generate_examples(0, train), "test": self._generate_examples(train, train + test)}
+
+            def _generate_examples(self, a, b):
+                for i in range(a, b):
+                    yield i, {"text": f"catalog example {i}"}
+
+        _TinyText = JaxlmTestText
+    _TinyText(data_dir=str(data_dir)).download_and_prepare(file_format="array_record")
+    return "jaxlm_test_text"

@@ -34,7 +34,7 @@ def main() -> None:
 
     from jaxlm.cli import DEFAULT_CONFIG, main as cli
     from jaxlm.config import load_config
-    from jaxlm.data import default_corpus_files, in_validation, packed_rows, text_source
+    from jaxlm.data import default_corpus_files, in_validation, packed_rows, prepared
     from jaxlm.tokenizer import ByteTokenizer, load_tokenizer
     from jaxlm.train import train
 
@@ -66,9 +66,8 @@ def main() -> None:
         last = train(cfg, log=lambda m: None)
         took = time.perf_counter() - t0
         val = packed_rows(cfg.data, "validation", tok)
-        source, _ = text_source(cfg.data, "validation")
-        texts = (source[i]["text"] for i in range(len(source)))
-        nbytes = sum(len(t if isinstance(t, bytes) else t.encode()) for t in texts)
+        ((_, _, _, index),) = prepared(cfg.data, ByteTokenizer())  # byte tokens = UTF-8 bytes + one EOS each
+        nbytes = index["validation"]["tokens"] - index["validation"]["docs"]
         tokens_per_byte = len(val.stream) / nbytes
         first = json.loads(open(w / "metrics.jsonl").readline())["val_loss"]
         bpb = last["val_loss"] * tokens_per_byte / math.log(2)

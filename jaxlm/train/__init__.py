@@ -5,5 +5,5 @@ from jaxlm.train.evaluate import EvalTotals, evaluate  # noqa: F401
 from jaxlm.train.hooks import Hook, StepInfo, TrainingError  # noqa: F401
 from jaxlm.train.loop import Trainer, train  # noqa: F401
 from jaxlm.train.objectives import StepSpec, loss_sums, mlm_inputs  # noqa: F401
-from jaxlm.train.setup import Run, check_seq_len, setup  # noqa: F401
+from jaxlm.train.setup import Run, check_seq_len, data_tokenizer, setup  # noqa: F401
 from jaxlm.train.steps import make_eval_step, make_train_step  # noqa: F401

@@ -99,6 +99,29 @@ def test_exact_resume_after_sigkill(corpus, uninterrupted, tmp_path):
     assert [a[s] for s in range(5, 9)] == [b[s] for s in range(5, 9)]  # bitwise identical
 
 
+def test_mixture_resumes_exactly_after_sigkill(tmp_path):
+    """data.mixture of three sources (0.5 / 0.3 / 0.2): killed after step 4's checkpoint and resumed,
+    steps 5-8 log the uninterrupted run's losses bitwise (mixing and packing restored together)."""
+    files = sorted(stdlib_dir().glob("*.py"))
+    parts = []
+    for j, (a, b) in enumerate([(0, 12), (12, 20), (20, 30)]):
+        (tmp_path / f"s{j}").mkdir()
+        for f in files[a:b]:
+            shutil.copy(f, tmp_path / f"s{j}" / f.name)
+        parts.append(f"{tmp_path / f's{j}'}:{[0.5, 0.3, 0.2][j]}")
+    corpus = {"path": "", "data_dir": str(tmp_path / "cache")}
+    common = [*RESUME, f"data.mixture={','.join(parts)}", "data.path="]
+    train(load_config(DEFAULT_CONFIG, args(corpus, tmp_path / "whole", *common)), log=lambda m: None)
+    killed = subprocess.run([sys.executable, "-c", KILL_AFTER_SAVE, "4", *args(corpus, tmp_path / "cut", *common)],
+                            capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert sorted(losses(tmp_path / "cut")) == [1, 2, 3, 4]
+    resumed = run_cli(args(corpus, tmp_path / "cut", *common))
+    assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr
+    a, b = losses(tmp_path / "whole"), losses(tmp_path / "cut")
+    assert sorted(b) == list(range(1, 9)) and [a[s] for s in range(5, 9)] == [b[s] for s in range(5, 9)]
+
+
 @contextlib.contextmanager
 def file_size_limit():
     """Lets a hook set RLIMIT_FSIZE (writes past it fail with EFBIG, as on a full disk); restored after."""

@@ -1,7 +1,10 @@
 """Greedy generation speed: jaxlm beside Hugging Face transformers (PyTorch) on the same weights.
 
 GPT-2 small shape (124M, float32, random weights), prompt 32 tokens, 128 new tokens, greedy, no
-early EOS, batch 1 and 8. Checks that both produce the same tokens; exits non-zero if not.
+early EOS, batch 1 and 8. jaxlm and the peer alternate within each repeat (so a change in the
+machine's load hits both); each cell is the median tokens/s with the (min-max) spread. The
+roofline is batch x the weight-read bandwidth measured here (a jitted matvec chain) / the bytes
+of weights one decode step reads. Checks that both produce the same tokens; exits non-zero if not.
 
     python scripts/bench_generate.py [--batch 1 8] [--new 128] [--repeats 3] [--threads 2]
 """
@@ -9,7 +12,6 @@ early EOS, batch 1 and 8. Checks that both produce the same tokens; exits non-ze
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
@@ -22,7 +24,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     p.add_argument("--prompt", type=int, default=32)
     p.add_argument("--new", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument("--size", default="base", choices=["tiny", "base"])
     p.add_argument("--init-range", type=float, default=0.1,
@@ -48,6 +50,13 @@ def main(argv=None) -> int:
         hf.generation_config.eos_token_id = None
         hf.generation_config.pad_token_id = 0
 
+    from benchlib import load_line, rate_cell, spread, weight_read_bandwidth
+
+    print(load_line())
+    bandwidth = weight_read_bandwidth()
+    weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(lm.params))
+    print(f"weight-read bandwidth (matvec chain): {bandwidth / 1e9:.1f} GB/s; one decode step reads "
+          f"{weight_bytes / 1e6:.0f} MB of weights: roofline {bandwidth / weight_bytes:.1f} tokens/s per row")
     print(f"GPT-2 {args.size} ({sum(x.size for x in jax.tree.leaves(lm.params)) / 1e6:.0f}M params), "
           f"prompt {args.prompt}, {args.new} new tokens, greedy; jax {jax.__version__} on "
           f"{jax.devices()[0].platform} ({args.dtype}), torch {torch.__version__} with {args.threads} threads")
@@ -58,31 +67,34 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         ours = lm.generate(ids, max_new_tokens=args.new)
         compile_s = time.perf_counter() - t0
-        times = []
-        for _ in range(args.repeats):
+        jt, ht = [], []
+        ref = None
+        for _ in range(args.repeats):  # alternate: jaxlm, then the peer, in each repeat
             t0 = time.perf_counter()
             ours = lm.generate(ids, max_new_tokens=args.new)
-            times.append(time.perf_counter() - t0)
-        jax_tps = b * args.new / statistics.median(times)
-        hf_tps = float("nan")
-        agree = "-"
-        if hf is not None:
-            times = []
-            with torch.inference_mode():
-                for _ in range(args.repeats):
+            jt.append(time.perf_counter() - t0)
+            if hf is not None:
+                with torch.inference_mode():
                     t0 = time.perf_counter()
                     ref = hf.generate(torch.tensor(ids), attention_mask=torch.ones(b, args.prompt, dtype=torch.long),
                                       max_new_tokens=args.new, do_sample=False).numpy()
-                    times.append(time.perf_counter() - t0)
-            hf_tps = b * args.new / statistics.median(times)
+                    ht.append(time.perf_counter() - t0)
+        agree = "-"
+        if ref is not None:
             same = np.array_equal(ours, ref)
             agree = "yes" if same else f"NO ({(ours != ref).sum()} tokens differ)"
             ok &= same
-        rows.append((b, jax_tps, hf_tps, jax_tps / hf_tps, compile_s, agree))
+        jax_tps = b * args.new / spread(jt)[0]
+        hf_tps = b * args.new / spread(ht)[0] if ht else float("nan")
+        roof = b * bandwidth / weight_bytes
+        cells = (rate_cell(b * args.new, jt), rate_cell(b * args.new, ht) if ht else "-")
+        rows.append((b, *cells, jax_tps / hf_tps, roof, jax_tps / roof, compile_s, agree))
 
-    print(f"{'batch':>5} {'jaxlm tok/s':>12} {'HF torch tok/s':>15} {'ratio':>6} {'jaxlm first call s':>19} {'same tokens':>12}")
-    for b, j, h, r, c, a in rows:
-        print(f"{b:>5} {j:>12.1f} {h:>15.1f} {r:>6.2f} {c:>19.1f} {a:>12}")
+    print(f"tokens/s: median (min-max) of {args.repeats} alternating repeats")
+    print(f"{'batch':>5} {'jaxlm tok/s':>20} {'HF torch tok/s':>20} {'ratio':>6} {'roofline':>9} {'jaxlm/roof':>10} "
+          f"{'first call s':>12} {'same tokens':>12}")
+    for b, j, h, r, roof, frac, c, a in rows:
+        print(f"{b:>5} {j:>20} {h:>20} {r:>6.2f} {roof:>9.1f} {frac:>10.0%} {c:>12.1f} {a:>12}")
     return 0 if ok else 1
 
 

@@ -1,8 +1,9 @@
 """Training speed: jaxlm's train step beside Hugging Face transformers (PyTorch eager, AdamW).
 
 Both start from the same weights and see the same batches (causal LM, float32, dropout off, global
-norm clipping at 1.0); the first step's losses are compared as a sanity check. Prints tokens/s of
-each, their ratio and jaxlm's compile time.
+norm clipping at 1.0); the first step's losses are compared as a sanity check. The two alternate
+step by step (so a change in the machine's load hits both); each cell is the median tokens/s with
+the (min-max) spread, then the ratio of medians and jaxlm's compile time.
 
     python scripts/bench_train.py [--steps 10] [--threads 2]
 """
@@ -24,14 +25,15 @@ SHAPES = {
 }
 
 
-def bench_hf(model, batches, threads):
+def hf_stepper(model, threads):
+    """step(batch) -> (seconds, loss) of one PyTorch AdamW step."""
     import torch
 
     torch.set_num_threads(threads)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
     model.train()
-    times, first = [], None
-    for b in batches:
+
+    def step(b):
         x = torch.tensor(b)
         t0 = time.perf_counter()
         logits = model(x[:, :-1]).logits  # the same T predictions as jaxlm's objective
@@ -40,12 +42,13 @@ def bench_hf(model, batches, threads):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        times.append(time.perf_counter() - t0)
-        first = float(loss.detach()) if first is None else first
-    return times, first
+        return time.perf_counter() - t0, float(loss.detach())
+
+    return step
 
 
-def bench_jaxlm(path, batches, scan):
+def jaxlm_stepper(path, scan):
+    """step(batch) -> (seconds, loss) of one jaxlm train step (jitted; the first call compiles)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -61,20 +64,18 @@ def bench_jaxlm(path, batches, scan):
     params = params_for(cfg, jax.tree.map(jnp.asarray, params))
     opt = OptimConfig(lr=1e-4, warmup_steps=0, min_lr_ratio=1.0)
     tx = make_optimizer(opt, 1000)
-    step = make_train_step(nnx.graphdef(abstract_model(cfg)), tx, StepSpec("clm"), schedule(opt, 1000),
-                           dropout=False)
+    train_step = make_train_step(nnx.graphdef(abstract_model(cfg)), tx, StepSpec("clm"), schedule(opt, 1000),
+                                 dropout=False)
     state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0)}
-    t0 = time.perf_counter()
-    state, m = step(state, jnp.asarray(batches[0]))
-    first = float(m["loss"])
-    compile_s = time.perf_counter() - t0
-    times = []
-    for b in batches[1:]:
+
+    def step(b):
+        nonlocal state
         t0 = time.perf_counter()
-        state, m = step(state, jnp.asarray(b))
-        m["loss"].block_until_ready()
-        times.append(time.perf_counter() - t0)
-    return times, first, compile_s
+        state, m = train_step(state, jnp.asarray(b))
+        loss = float(m["loss"])
+        return time.perf_counter() - t0, loss
+
+    return step
 
 
 def main(argv=None) -> int:
@@ -92,6 +93,9 @@ def main(argv=None) -> int:
 
     from jaxlm.testing import save_random_hf
 
+    from benchlib import load_line, rate_cell
+
+    print(load_line())
     print(f"train step, float32, AdamW + clipping; jax {jax.__version__} ({jax.devices()[0].platform}, "
           f"{'scan' if args.scan else 'unrolled'} layers), torch {torch.__version__} ({args.threads} threads)")
     rows = []
@@ -102,16 +106,24 @@ def main(argv=None) -> int:
             save_random_hf("GPT2LMHeadModel", d, size="base", init_range=0.02, resid_pdrop=0.0,
                            embd_pdrop=0.0, attn_pdrop=0.0, **overrides)
             batches = [rng.randint(0, 50257, (b, t + 1)) for _ in range(args.steps + 1)]
-            jt, jfirst, compile_s = bench_jaxlm(d, batches, args.scan)
-            hf = transformers.GPT2LMHeadModel.from_pretrained(d)
-            ht, hfirst = bench_hf(hf, batches, args.threads)
+            ours = jaxlm_stepper(d, args.scan)
+            peer = hf_stepper(transformers.GPT2LMHeadModel.from_pretrained(d), args.threads)
+            compile_s, jfirst = ours(batches[0])
+            hfirst = peer(batches[0])[1]  # warm-up step of the peer, not timed either
+            jt, ht = [], []
+            for batch in batches[1:]:  # alternate, step by step
+                jt.append(ours(batch)[0])
+                ht.append(peer(batch)[0])
         jtps = b * t / statistics.median(jt)
-        htps = b * t / statistics.median(ht[1:])
-        rows.append((name, jtps, htps, compile_s, abs(jfirst - hfirst)))
-    print(f"{'shape':<20} {'jaxlm tok/s':>12} {'HF torch tok/s':>15} {'ratio':>6} {'compile s':>10} {'|loss diff| step 1':>19}")
-    for name, j, h, c, dl in rows:
-        print(f"{name:<20} {j:>12.0f} {h:>15.0f} {j / h:>6.2f} {c:>10.1f} {dl:>19.2e}")
-    return 0 if all(r[4] < 1e-3 for r in rows) else 1
+        htps = b * t / statistics.median(ht)
+        cells = (rate_cell(b * t, jt), rate_cell(b * t, ht))
+        rows.append((name, *cells, jtps / htps, compile_s, abs(jfirst - hfirst)))
+    print(f"tokens/s: median (min-max) of {args.steps} alternating steps")
+    print(f"{'shape':<20} {'jaxlm tok/s':>20} {'HF torch tok/s':>20} {'ratio':>6} {'compile s':>10} "
+          f"{'|loss diff| step 1':>19}")
+    for name, j, h, r, c, dl in rows:
+        print(f"{name:<20} {j:>20} {h:>20} {r:>6.2f} {c:>10.1f} {dl:>19.2e}")
+    return 0 if all(r[-1] < 1e-3 for r in rows) else 1
 
 
 if __name__ == "__main__":

@@ -70,7 +70,7 @@ def prepare_source(source: Source, tokenizer, out, *, workers: int = 1, log=None
     if prep.complete():
         return prep.run()
     if log is not None:
-        log(f"preparing {source.label or source.root}: {len(prep.units)} units -> {out}"
+        log(f"preparing {source.label or source.root}: {len(prep.units)} unit{'s' * (len(prep.units) != 1)} -> {out}"
             + (f" ({workers} processes)" if workers > 1 else ""))
     procs = []
     if workers > 1:

@@ -146,7 +146,7 @@ class Source:
     data_dir: str | None = None  # where tfds datasets are prepared
     label: str = ""  # how the user named it (messages)
 
-    @property
+    @functools.cached_property
     def root(self) -> str:
         return os.path.commonpath([str(Path(f).parent) for f in self.files]) if self.files else "."
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from pathlib import Path
@@ -148,8 +149,12 @@ def cmd_data_prepare(args) -> int:
         raise ValueError(f"--workers={args.workers} must be >= 1")
     cfg = load_config(args.config, args.overrides)
     tokenizer = data_tokenizer(cfg.data)
-    for source, _, out, _ in prepared(cfg.data, tokenizer, _log, workers=args.workers,
-                                      beam_args=args.beam_args if args.beam else None):
+    runner = None
+    if args.beam:
+        from jaxlm.data.beam import prepare_with_beam
+
+        runner = functools.partial(prepare_with_beam, pipeline_args=args.beam_args)
+    for _, _, out, _ in prepared(cfg.data, tokenizer, _log, workers=args.workers, runner=runner):
         _log(f"ready: {out} (data.data_dir={cfg.data.data_dir or '~/.cache/jaxlm'})")
     return 0
 

@@ -108,16 +108,14 @@ def _worker(source, tokenizer, out, worker, workers, chunk_bytes):
 
 
 def prepared(data_cfg, tokenizer, log=None, *, workers: int = 1,
-             beam_args=None) -> list[tuple[Source, float | None, Path, dict]]:
-    """Every source of the data config prepared (by ``workers`` local processes, or as a Beam
-    pipeline given its options): (source, weight, tokens dir, index)."""
+             runner=None) -> list[tuple[Source, float | None, Path, dict]]:
+    """Every source of the data config prepared: (source, weight, tokens dir, index). By
+    ``workers`` local processes, or by ``runner(source, tokenizer, out, log=)`` (e.g. Beam's)."""
     out = []
     for source, weight in data_sources(data_cfg):
         d = tokens_dir(data_cfg, source, tokenizer)
-        if beam_args is not None:
-            from jaxlm.data.beam import prepare_with_beam
-
-            index = prepare_with_beam(source, tokenizer, d, beam_args, log=log)
+        if runner is not None:
+            index = runner(source, tokenizer, d, log=log)
         else:
             index = prepare_source(source, tokenizer, d, workers=workers, log=log)
         if not index["train"]["tokens"]:

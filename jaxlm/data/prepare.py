@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxlm.data.sources import Source, documents, plan, validation_files
+from jaxlm.data.sources import CHUNK_BYTES, Source, documents, plan, validation_files
 
 FORMAT = "jaxlm-tokens-v1"
 BATCH_BYTES = 4 << 20  # text per encode_batch call
@@ -133,8 +133,6 @@ class Preparation:
     """The token shards of one source and tokenizer in ``out``; see the module docstring."""
 
     def __init__(self, source: Source, tokenizer, out, *, chunk_bytes: int | None = None):
-        from jaxlm.data.sources import CHUNK_BYTES
-
         self.source, self.tokenizer, self.out = source, tokenizer, Path(out)
         self.dtype = token_dtype(tokenizer.vocab_size)
         self.units = plan(source, chunk_bytes or CHUNK_BYTES)

@@ -357,7 +357,8 @@ def _broken_order(prompt: str, body: str, rng, tries: int = 20) -> str | None:
     return None
 
 
-def docstring_tasks(out_dir, *, max_chars: int = 320, val_fraction: float = 0.1, seed: int = 0) -> dict:
+def docstring_tasks(out_dir, *, max_chars: int = 320, val_fraction: float = 0.1, seed: int = 0,
+                    files=None) -> dict:
     """The offline post-training demo, from the standard library's functions that have a docstring
     (split by file: validation functions come from unseen files):
 
@@ -365,11 +366,12 @@ def docstring_tasks(out_dir, *, max_chars: int = 320, val_fraction: float = 0.1,
     - OUT/dpo/{train,validation}.jsonl: {"prompt", "chosen": the real body, "rejected": the same
       lines in an order that no longer compiles} (functions with no such order are left out).
 
-    Functions longer than ``max_chars`` (prompt and body) are left out. Returns the counts."""
+    Functions longer than ``max_chars`` (prompt and body) are left out; ``files``: a subset of the
+    standard library's files (default: all). Returns the counts."""
     rng = np.random.default_rng(seed)
     root, out, seen = stdlib_dir(), Path(out_dir), set()
     rows = {(t, s): [] for t in ("sft", "dpo") for s in ("train", "validation")}
-    for f in default_corpus_files():
+    for f in default_corpus_files() if files is None else files:
         rel = str(f.relative_to(root))
         split = "validation" if in_validation(rel, val_fraction) else "train"
         for prompt, body in _functions(f.read_text(encoding="utf-8", errors="replace")):

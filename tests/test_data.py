@@ -216,8 +216,9 @@ def test_too_little_data_is_named():
 
 
 def test_sigkill_during_data_preparation_leaves_no_partial_cache(tmp_path):
-    """`jaxlm train` killed while it prepares its data (token shards) at three moments: the next preparation gives exactly the tokens of an undisturbed one, and no
-    temporary file of the killed run is left in the cache."""
+    """`jaxlm train` killed while it prepares its data (token shards) at two moments: the next
+    preparation gives exactly the tokens of an undisturbed one, and no temporary file of the killed
+    run is left in the cache."""
     import random
     import shutil
 
@@ -236,7 +237,7 @@ def test_sigkill_during_data_preparation_leaves_no_partial_cache(tmp_path):
     data = tmp_path / "data"
     rng = random.Random(0)
     outcomes = [kill_while_writing(["train", *argv(data)], tmp_path / "unused", delay, watch=data)
-                for delay in (0.0, 0.05, rng.uniform(0.0, 0.1))]
+                for delay in (0.0, rng.uniform(0.0, 0.1))]
     assert outcomes[0] == "killed"
     cfg = load_config(None, argv(data))
     tok = ByteTokenizer()

@@ -65,7 +65,9 @@ def test_batching_changes_nothing(lm):
     generated alone by lm.generate, greedy and sampled, and the same request sent alone to the engine."""
     engine = Engine(lm, max_batch=4, max_len=128).start()
     try:
-        requests = [(p, settings(i), engine.submit(ids(lm, p), **settings(i))) for i, p in enumerate(PROMPTS)]
+        # Prompts of 1-5 tokens in one prompt bucket: lm.generate compiles one program per settings kind.
+        short = [p[:8] for p in PROMPTS]
+        requests = [(p, settings(i), engine.submit(ids(lm, p), **settings(i))) for i, p in enumerate(short)]
         for p, s, r in requests:
             (choice,) = r.result(timeout=120)
             assert choice.text == alone(lm, p, s)[0], (p, s)
@@ -73,8 +75,8 @@ def test_batching_changes_nothing(lm):
         # Pure top-p sampling, 8 requests at once: each equals the same request sent alone (rows of
         # one batch do not see each other; the batch shape is the same, so the numbers are too).
         pure = dict(max_tokens=9, temperature=0.9, top_p=0.9)
-        together = [engine.submit(ids(lm, p), seed=i, **pure) for i, p in enumerate(PROMPTS)]
-        for i, (p, r) in enumerate(zip(PROMPTS, together)):
+        together = [engine.submit(ids(lm, p), seed=i, **pure) for i, p in enumerate(short)]
+        for i, (p, r) in enumerate(zip(short, together)):
             assert r.result()[0].token_ids == engine.submit(ids(lm, p), seed=i, **pure).result()[0].token_ids
         two = engine.submit(ids(lm, PROMPTS[0]), n=2, **settings(1)).result()
         assert [c.text for c in two] == alone(lm, PROMPTS[0], settings(1), n=2) and two[0].text != two[1].text

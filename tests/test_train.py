@@ -327,6 +327,7 @@ def test_decoder_families_learn(corpus, tmp_path, preset):
     (["optim.grad_accum=3"], "data.batch_size=8 is not divisible by optim.grad_accum=3"),
     (["data.seq_len=40"], r"data.seq_len=40 exceeds the model's context of 32 tokens \(model.max_len, less"),
     (["model.prompt_length=4"], "data.seq_len=32 exceeds the model's context of 28 tokens"),
+    (["model.vocab_size=200"], "the tokenizer has 259 tokens but model.vocab_size=200; set model.vocab_size=259"),
 ])
 def test_bad_input_one_line(cli, corpus, tmp_path, extra, message):
     proc = cli("train", *args(corpus, tmp_path / "w", *extra))

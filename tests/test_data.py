@@ -155,6 +155,7 @@ def test_mixture_shares_and_exact_resume(tmp_path):
 @pytest.mark.parametrize("setting, message", [
     ("data.path={d}/nofield.jsonl", r"nofield.jsonl:3 has no 'text' field \(fields: id, body\); set data.text_key"),
     ("data.path={d}/broken.jsonl", r"broken.jsonl:2 is not a JSON object"),
+    ("data.path={d}/array.jsonl", r"array.jsonl:1 is not a JSON object$"),
     ("data.path={d}/nocol.parquet", r"nocol.parquet has no column 'text' \(columns: body\); set data.text_key"),
     ("data.path={d}/empty", r"the data files hold no text \(1 files"),
     ("data.path={d}/binary", r"the data files hold no text \(1 files, .*: 1 binary or non-UTF-8 files skipped"),
@@ -170,6 +171,7 @@ def test_bad_data_is_one_line_and_writes_no_tokens(cli, tmp_path, setting, messa
     d = tmp_path
     (d / "nofield.jsonl").write_text('{"text": "a"}\n\n{"id": 1, "body": "b"}\n')
     (d / "broken.jsonl").write_text('{"text": "a"}\n{"text": \n')
+    (d / "array.jsonl").write_text('["a", "b"]\n')
     pq.write_table(pa.table({"body": ["x"]}), d / "nocol.parquet")
     (d / "empty").mkdir()
     (d / "empty" / "a.txt").write_text("  \n")

@@ -122,9 +122,7 @@ def test_trained_wordpiece_and_unigram_tokenizers(stdlib_files, tmp_path, kind):
         assert ids[0] == tok.cls_id and ids[-1] == tok.sep_id and tok.mask_id is not None
 
 
-def test_tokenizer_train_bad_input_is_one_line(stdlib_files, tmp_path, capsys):
-    from jaxlm.cli import main
-
+def test_tokenizer_train_bad_input_is_one_line(cli, stdlib_files, tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "a.txt").write_text("")
     (tmp_path / "mixed").mkdir()
@@ -138,17 +136,14 @@ def test_tokenizer_train_bad_input_is_one_line(stdlib_files, tmp_path, capsys):
         ([str(tmp_path / "mixed"), "--vocab-size", "100"], "--vocab-size=100 is too small for a bpe tokenizer: at least 257"),
         ([str(tmp_path / "mixed"), "--vocab-size", "300", "--type", "sentencepiece"], "argument --type: invalid choice"),
     ]:
-        capsys.readouterr()
-        try:
-            code = main(["tokenizer", "train", *argv, "--out", out])
-        except SystemExit as e:
-            code = e.code
-        err = capsys.readouterr().err.strip().splitlines()  # progress lines, then the error in one line
-        assert code == 2 and message in err[-1] and err[-1].startswith("jaxlm tokenizer train: error: "), err
+        proc = cli("tokenizer", "train", *argv, "--out", out)
+        err = proc.stderr.strip().splitlines()  # progress lines, then the error in one line
+        assert proc.returncode == 2 and message in err[-1] and err[-1].startswith("jaxlm tokenizer train: error: "), err
         assert sum("error" in line for line in err) == 1 and "Traceback" not in "".join(err)
         assert not (tmp_path / "out").exists()
     # Binary and non-UTF-8 files are skipped, named and counted; the text ones are trained on.
-    assert main(["tokenizer", "train", str(tmp_path / "mixed"), "--vocab-size", "300", "--out", out]) == 0
-    err = capsys.readouterr().err
+    proc = cli("tokenizer", "train", tmp_path / "mixed", "--vocab-size", 300, "--out", out)
+    err = proc.stderr
+    assert proc.returncode == 0, err
     assert f"skipped {tmp_path / 'mixed' / 'blob.bin'}: binary or not UTF-8 text" in err
     assert "on 1 files" in err and "skipped 2 binary or non-UTF-8 files" in err

@@ -72,18 +72,18 @@ def loader(rows, *, batch_size: int, seed: int, shuffle: bool = True, process_in
     if len(rows) < batch_size:
         raise ValueError(f"the data holds {len(rows)} rows (data.seq_len={rows.seq_len}), fewer than "
                          f"data.batch_size={batch_size}; use more text or a smaller batch / seq_len")
+    def source(r, stream=0):
+        return grain.MapDataset.source(EpochShards(r, seed=seed, shuffle=shuffle, process_index=process_index,
+                                                   process_count=process_count, stream=stream))
+
     if isinstance(rows, Mixture):
         for name, part in zip(rows.names, rows.parts):
             if len(part) < process_count:
                 raise ValueError(f"data.mixture source {name} holds {len(part)} rows of data.seq_len="
                                  f"{rows.seq_len}, fewer than the {process_count} processes")
-        ds = grain.MapDataset.mix(
-            [grain.MapDataset.source(EpochShards(p, seed=seed, shuffle=shuffle, process_index=process_index,
-                                                 process_count=process_count, stream=i + 1))
-             for i, p in enumerate(rows.parts)], rows.weights)
+        ds = grain.MapDataset.mix([source(p, i + 1) for i, p in enumerate(rows.parts)], rows.weights)
     else:
-        ds = grain.MapDataset.source(EpochShards(rows, seed=seed, shuffle=shuffle, process_index=process_index,
-                                                 process_count=process_count))
+        ds = source(rows)
     ds = ds.batch(batch_size // process_count, drop_remainder=True)
     # Rows are slices of memory-mapped shards: one reader thread a few batches ahead is plenty
     # (grain's default reads ~500 batches ahead: gigabytes for large batches).

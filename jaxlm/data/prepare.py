@@ -147,7 +147,7 @@ class Preparation:
     def complete(self) -> bool:
         return (self.out / "index.json").is_file()
 
-    def prepare_unit(self, k: int, progress=None) -> dict:
+    def prepare_unit(self, k: int) -> dict:
         """Tokenize unit k into its shards (the caller holds its lock)."""
         if self._val_files is None:
             self._val_files = validation_files(self.source)
@@ -171,8 +171,6 @@ class Preparation:
                     digests[s].update(data)
                     counts[s]["tokens"] += len(ids)
                     counts[s]["docs"] += len(texts)
-                if progress is not None:
-                    progress(sum(len(t) for _, t in batch), sum(c["tokens"] for c in counts.values()))
             for f in files.values():
                 f.flush()
                 os.fsync(f.fileno())
@@ -238,7 +236,7 @@ class Preparation:
                     continue
                 with try_lock(self.out / f".unit-{k:05d}.lock", block) as got:
                     if got and not self.done(k):
-                        meter.unit(k, self.prepare_unit(k, meter.progress))
+                        meter.unit(k, self.prepare_unit(k))
         with try_lock(self.out / ".index.lock", True):
             if not self.complete():
                 index = self.write_index()
@@ -253,16 +251,10 @@ class _Meter:
         self.prep, self.log, self.every = prep, log, every
         self.t0 = self.last = time.perf_counter()
         self.bytes = self.tokens = 0
-        self.total = sum(_unit_bytes(u) for u in prep.units)
-        self._unit_bytes = 0
-
-    def progress(self, nbytes, _tokens):
-        self._unit_bytes += nbytes
 
     def unit(self, k, meta):
         self.bytes += meta["bytes"]
         self.tokens += meta["train"]["tokens"] + meta["validation"]["tokens"]
-        self._unit_bytes = 0
         for f in meta["skipped"]:
             if self.log:
                 self.log(f"skipped {f}: binary or not UTF-8 text")

@@ -299,11 +299,12 @@ def _jsonl_documents(source, f, compression, start, end, rel, stats):
                 record = json.loads(line)
             except ValueError as e:
                 raise ValueError(f"{f}:{_line_number(f, compression, at)} is not a JSON object ({e})") from None
-            text = record.get(key) if isinstance(record, dict) else None
+            if not isinstance(record, dict):
+                raise ValueError(f"{f}:{_line_number(f, compression, at)} is not a JSON object")
+            text = record.get(key)
             if not isinstance(text, str):
-                what = (f"no {key!r} field (fields: {', '.join(record) or 'none'})" if isinstance(record, dict)
-                        and key not in record else f"no text in {key!r}" if isinstance(record, dict)
-                        else "not a JSON object")
+                what = (f"no {key!r} field (fields: {', '.join(record) or 'none'})" if key not in record
+                        else f"a {key!r} field that is not text")
                 raise ValueError(f"{f}:{_line_number(f, compression, at)} has {what}; set data.text_key")
             stats["bytes"] += len(line)
             if text.strip():

@@ -13,9 +13,10 @@ from flax import nnx
 
 from jaxlm.classify import ClassRows
 from jaxlm.config import RUNTIME_FIELDS, MeshConfig, ModelConfig
-from jaxlm.generate import Sampling, check_request, generate_ids
+from jaxlm.generate import Sampling, check_request, generate_ids, integer
 from jaxlm.io import read_model, save_model
 from jaxlm.sharding import check_model_fits, make_mesh, param_shardings
+from jaxlm.speculative import speculate_ids
 from jaxlm.transformer import abstract_model, params_for
 
 
@@ -25,6 +26,9 @@ def _apply(graphdef, params, input_ids, attention_mask, token_type_ids, output: 
     if output == "hidden":
         return model.hidden_states(input_ids, attention_mask, token_type_ids)
     return model(input_ids, attention_mask, token_type_ids)
+
+
+MAX_SPECULATE_K = 32
 
 
 class LM:
@@ -38,6 +42,7 @@ class LM:
         if isinstance(mesh, MeshConfig):
             mesh = make_mesh(mesh)
         self.mesh = mesh  # None: one device
+        self.last_speculation = None  # SpeculationStats of the last speculative generate()
         if mesh is not None:  # parameters split by the logical-axis rules (e.g. heads over tensor)
             check_model_fits(config, mesh)
             self.params = jax.device_put(self.params, param_shardings(config, mesh))
@@ -102,7 +107,7 @@ class LM:
 
     def generate(self, prompts, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int = 0, num_return_sequences: int = 1, stop=None,
-                 attention_mask=None, on_token=None):
+                 attention_mask=None, on_token=None, draft=None, speculate_k: int | None = None):
         """Continue prompts with the KV-cached, jitted decoder.
 
         prompts: list[str] -> list[str], the continuations (prompt-major, ``num_return_sequences``
@@ -111,6 +116,11 @@ class LM:
         -> int array [B * n, T + max_new_tokens]: the prompts followed by the new tokens (pad after EOS).
         temperature 0 is greedy; the same seed gives the same output.
         ``on_token(step, token_ids[B * n])`` is called as each token is produced (streaming).
+
+        Speculative decoding: ``draft`` (an ``LM``, a model path, or ``"prompt_lookup"``) proposes
+        ``speculate_k`` tokens (default 4) that this model checks in one pass; the output follows
+        this model's distribution exactly (greedy: the same tokens). ``last_speculation`` then holds
+        the call's ``SpeculationStats`` (acceptance rate, tokens per pass).
         """
         cfg = self.config
         if not cfg.causal:
@@ -138,13 +148,18 @@ class LM:
         if longest + max_new_tokens > cfg.context:
             raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the "
                              f"model's context of {cfg.context} tokens")
+        proposer, k = self._proposer(draft, speculate_k, longest + max_new_tokens)
         tok = self.tokenizer
         eos = cfg.eos_token_id if cfg.eos_token_id is not None else (tok.eos_id if tok is not None else None)
         pad = next(i for i in (cfg.pad_token_id, eos, 0) if i is not None)
+        kw = dict(max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
+                  num_return_sequences=num_return_sequences, eos_id=eos, pad_id=pad, on_token=on_token)
         with self._on_mesh():
-            new = generate_ids(self.graphdef, self.params, cfg, rows, max_new_tokens=max_new_tokens,
-                               sampling=sampling, seed=seed, num_return_sequences=num_return_sequences,
-                               eos_id=eos, pad_id=pad, on_token=on_token)
+            if k:
+                new, self.last_speculation = speculate_ids(self.graphdef, self.params, cfg, rows, draft=proposer,
+                                                           k=k, **kw)
+            else:
+                new = generate_ids(self.graphdef, self.params, cfg, rows, **kw)
         if not texts:
             n = num_return_sequences
             head = np.full((len(rows) * n, width), pad, np.int64)
@@ -152,6 +167,38 @@ class LM:
                 head[i * n:(i + 1) * n, width - len(r):] = r
             return np.concatenate([head, new], axis=1)
         return [self.continuation(row, stop)[0] for row in new]
+
+    def _proposer(self, draft, speculate_k, length: int):
+        """(draft (graphdef, params) or None for prompt lookup, K); K = 0: no speculation."""
+        if draft is None:
+            if speculate_k is not None:
+                raise ValueError("speculate_k needs a draft: pass draft=LM, a model path or 'prompt_lookup'")
+            return None, 0
+        k = integer("speculate_k", 4 if speculate_k is None else speculate_k)
+        limit = min(MAX_SPECULATE_K, self.config.context - 1)
+        if not 1 <= k <= limit:
+            raise ValueError(f"speculate_k={k} must be in [1, {limit}] (the target's context is "
+                             f"{self.config.context} tokens)")
+        if isinstance(draft, str) and draft == "prompt_lookup":
+            return None, k
+        if isinstance(draft, (str, Path)):
+            draft = load(draft)
+        if not isinstance(draft, LM):
+            raise ValueError(f"draft={draft!r} must be an LM, a model path or 'prompt_lookup'")
+        d = draft.config
+        if not d.causal or d.head != "lm":
+            raise ValueError(f"the draft {d.name!r} is an {d.arch} with a {d.head!r} head; it must be a decoder "
+                             "language model")
+        if d.vocab_size != self.config.vocab_size:
+            raise ValueError(f"the draft's vocabulary has {d.vocab_size} tokens, the target's {self.config.vocab_size}: "
+                             "they must share one tokenizer")
+        if length > d.context:
+            raise ValueError(f"prompt + max_new_tokens = {length} tokens exceeds the draft's context of "
+                             f"{d.context} tokens")
+        params = draft.params
+        if self.mesh is not None:  # the draft is small: a full copy on every device of the target's mesh
+            params = jax.device_put(params, jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
+        return (draft.graphdef, params), k
 
     def _prompt_rows(self, prompts, attention_mask):
         """Ids (array [B, T] with optional mask, or ragged lists) -> (list of real-token lists, T)."""

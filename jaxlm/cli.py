@@ -32,6 +32,10 @@ def cmd_generate(args) -> int:
     mesh = _mesh_overrides("generate", args.overrides)
     # Bad settings fail at once, not after loading the model.
     check_request(args.max_new_tokens, args.num_return_sequences, Sampling(args.temperature, args.top_k, args.top_p))
+    if args.speculate_k is not None and args.draft is None:
+        raise ValueError("--speculate-k needs --draft (a model path or prompt_lookup)")
+    if args.speculate_k is not None and args.speculate_k < 1:
+        raise ValueError(f"--speculate-k {args.speculate_k} must be >= 1")
     lm = jaxlm.load(args.model, mesh=mesh)
     if lm.tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer files; use the Python API with token ids")
@@ -44,7 +48,11 @@ def cmd_generate(args) -> int:
     if stream:
         printer = _TextStream(lm, args.prompt[0])
         on_token = printer.push
+    if args.draft is not None:
+        kw.update(draft=args.draft, speculate_k=args.speculate_k)
     out = lm.generate(rows, **kw, on_token=on_token)
+    if args.draft is not None:
+        _log(f"speculative decoding (draft {args.draft}, K={args.speculate_k or 4}): {lm.last_speculation}")
     for r, row in enumerate(out):
         prompt = args.prompt[r // n]
         text, ids = lm.continuation(row[-args.max_new_tokens:], args.stop)
@@ -308,6 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-return-sequences", type=int, default=1)
     g.add_argument("--stop", action="append", help="cut the text before this string (repeatable)")
     g.add_argument("--json", action="store_true", help="one JSON object per output: prompt, text, token_ids")
+    g.add_argument("--draft", metavar="PATH", help="speculative decoding: a small model with the same tokenizer "
+                   "that proposes tokens (any model path jaxlm loads), or prompt_lookup (n-grams of the text so far); "
+                   "the output follows MODEL's distribution exactly")
+    g.add_argument("--speculate-k", type=int, metavar="K", help="tokens the draft proposes per step (default 4)")
     g.set_defaults(func=cmd_generate)
 
     sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (continuous batching)",

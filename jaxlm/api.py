@@ -43,6 +43,7 @@ class LM:
             mesh = make_mesh(mesh)
         self.mesh = mesh  # None: one device
         self.last_speculation = None  # SpeculationStats of the last speculative generate()
+        self._drafts = {}  # draft models loaded from paths by generate(draft=PATH)
         if mesh is not None:  # parameters split by the logical-axis rules (e.g. heads over tensor)
             check_model_fits(config, mesh)
             self.params = jax.device_put(self.params, param_shardings(config, mesh))
@@ -181,8 +182,11 @@ class LM:
                              f"{self.config.context} tokens)")
         if isinstance(draft, str) and draft == "prompt_lookup":
             return None, k
-        if isinstance(draft, (str, Path)):
-            draft = load(draft)
+        if isinstance(draft, (str, Path)):  # loaded once per path and kept for later calls
+            key = str(Path(draft).resolve()) if Path(draft).exists() else str(draft)
+            if key not in self._drafts:
+                self._drafts[key] = load(draft)
+            draft = self._drafts[key]
         if not isinstance(draft, LM):
             raise ValueError(f"draft={draft!r} must be an LM, a model path or 'prompt_lookup'")
         d = draft.config

@@ -8,8 +8,9 @@
   by `jaxlm train` into runs/speculative/target;
 - draft: a 2-layer d=128 student distilled from it (train.objective=distill, 300 steps) into
   runs/speculative/draft;
-- prompts: 64 bytes from the middle of each of 10 held-out files (from a line start, cut at a line end; the validation
-  split of the training corpus); batch 1, 128 new tokens, greedy;
+- prompts: 64 bytes from the middle of each of 10 held-out files (from a line start; the validation
+  split of the training corpus); batch 1, 128 new tokens, greedy, then sampled (T=0.8, top-k 50,
+  top-p 0.95);
 - plain `lm.generate` and `lm.generate(draft=..., speculate_k=K)` alternate within each repeat;
   each cell is the median (min-max) of the repeats over all prompts' tokens; the speculative
   outputs are checked token for token against the plain ones;
@@ -44,22 +45,12 @@ TARGET = ["model.max_len=192", "data.seq_len=192", "data.batch_size=24"]
 DRAFT = [*TARGET, "model.d_model=128", "model.n_layers=2", "model.n_heads=4", "train.steps=300",
          "train.objective=distill", f"distill.teacher={RUNS / 'target'}", "distill.temperature=1", "distill.alpha=0.9"]
 NEW = 128
-EDIT = '''def moving_average(values, window):
-    """The mean of each run of `window` consecutive values."""
-    if window <= 0:
-        raise ValueError("window must be positive")
-    total = sum(values[:window])
-    averages = [total / window]
-    for i in range(window, len(values)):
-        total += values[i] - values[i - window]
-        averages.append(total / window)
-    return averages
+EDIT = '''def area(width, height):
+    return width * height
 
 
-# The same function, with the window check also refusing windows longer than the values.
-def moving_average(values, window):
-    """The mean of each run of `window` consecutive values."""
-    if window <= 0 or window > len(values):
+# The same function, renamed.
+def rectangle_area(width, height):
 '''
 
 
@@ -88,8 +79,7 @@ def held_out_prompts(n=10, size=64):
         if len(text) < 2 * size:
             continue
         at = text.find("\n", len(text) // 2) + 1  # from the middle: code rather than headers
-        cut = text[at:at + size]
-        prompts.append(cut[:cut.rfind("\n") + 1] or cut)
+        prompts.append(text[at:at + size])
         if len(prompts) == n:
             break
     return prompts
@@ -162,6 +152,44 @@ def main():
         per = sum(s.new_tokens for s in stats[m]) / max(sum(s.target_passes for s in stats[m]), 1)
         print(f"{m[0]:<16}{m[1]:>3}  {rate_cell(tokens, times[m]):<22}{base / med(times[m]):>8.2f}x"
               f"{100 * acc:>9.0f}%{per:>10.2f}")
+
+    white = sum(lm.tokenizer.decode(list(w[0, len(r):])).isspace() for w, r in zip(want.values(), rows))
+    print(f"(this 3.6M-parameter target's greedy continuations fall into loops ({white} of {len(rows)} are whitespace "
+          "only, others repeat a phrase), which flatters every proposer; the sampled rows below are ordinary text)")
+
+    # Sampling (T=0.8, top-k 50, top-p 0.95): outputs differ from plain sampling's (other random
+    # draws, the same distribution), so each cell is tokens made / time over the same prompts.
+    sampled = dict(temperature=0.8, top_k=50, top_p=0.95)
+    smodes = [("plain", 0)] + [("draft", k) for k in (2, 3, 4)]
+
+    def run_sampled(m, seed):
+        made = 0
+        t0 = time.perf_counter()
+        for r in rows:
+            kw = {} if m[0] == "plain" else dict(draft=draft, speculate_k=m[1])
+            out = lm.generate([r], max_new_tokens=NEW, seed=seed, **sampled, **kw)
+            made += int(np.sum(out[0, len(r):] != lm.config.pad_token_id))
+            if m[0] != "plain":
+                sstats[m].append(lm.last_speculation)
+        return made, time.perf_counter() - t0
+
+    sstats = {m: [] for m in smodes}
+    for m in smodes:
+        run_sampled(m, 99)  # compile
+    sstats = {m: [] for m in smodes}
+    srates = {m: [] for m in smodes}
+    for rep in range(args.repeats):
+        for m in smodes:
+            made, t = run_sampled(m, rep)
+            srates[m].append(made / t)
+    print(f"\nbatch 1, sampled (T=0.8, top-k 50, top-p 0.95), the same prompts, median (min-max) tokens/s of "
+          f"{args.repeats} alternating repeats (other seeds each repeat):")
+    base_s = med(srates[("plain", 0)])
+    for m in smodes:
+        acc = "-" if m[0] == "plain" else f"{100 * sum(s.accepted for s in sstats[m]) / sum(s.proposed for s in sstats[m]):.0f}%"
+        cell = f"{med(srates[m]):.1f} ({min(srates[m]):.1f}-{max(srates[m]):.1f})"
+        print(f"{m[0] if m[0] == 'plain' else 'draft':<16}{m[1] or '-':>3}  {cell:<22}{med(srates[m]) / base_s:>8.2f}x{acc:>10}")
+    print("sample:", repr(lm.tokenizer.decode(list(lm.generate([rows[3]], max_new_tokens=NEW, seed=0, **sampled)[0, len(rows[3]):]))))
 
     # Prompt lookup on a code edit: the continuation copies most of the prompt.
     edit = [lm.tokenizer.encode(EDIT, add_special_tokens=False)]

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxlm.generate import Sampling, filter_logits, init_cache, sampling_rows
+from jaxlm.generate import Sampling, bucket, filter_logits, init_cache, sampling_rows
 from jaxlm.transformer import positions_from_mask
 
 LOOKUP_NGRAM = 3  # prompt lookup matches the last 3 tokens, then 2, then 1
@@ -278,8 +278,6 @@ def speculate_ids(t_graph, t_params, t_config, rows, *, draft, k: int, max_new_t
     """New tokens [len(rows) * n, max_new_tokens] and ``SpeculationStats``, like
     ``generate.generate_ids``; ``draft``: (graphdef, params) of the draft model, or None for
     prompt lookup."""
-    from jaxlm.generate import bucket
-
     n = num_return_sequences
     rows = [list(r) for r in rows for _ in range(n)]
     longest = max(len(r) for r in rows)

@@ -257,7 +257,22 @@ def generate_ids(graphdef, params, config: ModelConfig, rows, *, max_new_tokens:
 
     Row r of the output is prompt r // n's sample r % n. ``on_token(step, tokens[B])`` streams.
     """
-    n = num_return_sequences
+    batch, n_rows = prompt_batch(config, rows, num_return_sequences, max_new_tokens, pad_id, seed)
+    if on_token is not None:
+        _stream_sink.append(on_token)
+    try:
+        out = _generate_jit(graphdef, params, *batch, max_new=max_new_tokens, sampling=sampling,
+                            eos_id=eos_id, pad_id=pad_id, stream=on_token is not None)
+        out = np.asarray(out)
+    finally:
+        if on_token is not None:
+            _stream_sink.pop()
+    return out[:n_rows]
+
+
+def prompt_batch(config: ModelConfig, rows, n: int, max_new_tokens: int, pad_id: int, seed: int):
+    """((prompt [B, P], mask [B, P], row keys [B], active [B]), real rows): prompts as id lists,
+    each repeated n times, left padded into buckets (B and P powers of two)."""
     rows = [list(r) for r in rows for _ in range(n)]
     longest = max(len(r) for r in rows)
     p = min(bucket(longest), config.context - max_new_tokens)
@@ -268,15 +283,4 @@ def generate_ids(graphdef, params, config: ModelConfig, rows, *, max_new_tokens:
     for i, r in enumerate(rows):
         prompt[i, p - len(r):], mask[i, p - len(r):] = r, True
     keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(seed), jnp.arange(b))
-    active = np.arange(b) < len(rows)
-    if on_token is not None:
-        _stream_sink.append(on_token)
-    try:
-        out = _generate_jit(graphdef, params, jnp.asarray(prompt), jnp.asarray(mask), keys,
-                            jnp.asarray(active), max_new=max_new_tokens, sampling=sampling,
-                            eos_id=eos_id, pad_id=pad_id, stream=on_token is not None)
-        out = np.asarray(out)
-    finally:
-        if on_token is not None:
-            _stream_sink.pop()
-    return out[:len(rows)]
+    return (jnp.asarray(prompt), jnp.asarray(mask), keys, jnp.asarray(np.arange(b) < len(rows))), len(rows)

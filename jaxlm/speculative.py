@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxlm.generate import Sampling, bucket, filter_logits, init_cache, sampling_rows
+from jaxlm.generate import Sampling, filter_logits, init_cache, prompt_batch, sampling_rows
 from jaxlm.transformer import positions_from_mask
 
 LOOKUP_NGRAM = 3  # prompt lookup matches the last 3 tokens, then 2, then 1
@@ -278,29 +278,18 @@ def speculate_ids(t_graph, t_params, t_config, rows, *, draft, k: int, max_new_t
     """New tokens [len(rows) * n, max_new_tokens] and ``SpeculationStats``, like
     ``generate.generate_ids``; ``draft``: (graphdef, params) of the draft model, or None for
     prompt lookup."""
-    n = num_return_sequences
-    rows = [list(r) for r in rows for _ in range(n)]
-    longest = max(len(r) for r in rows)
-    p = min(bucket(longest), t_config.context - max_new_tokens)
-    b = bucket(len(rows), minimum=1)
-    prompt = np.full((b, p), pad_id if 0 <= pad_id < t_config.vocab_size else 0, np.int32)
-    mask = np.zeros((b, p), bool)
-    for i, r in enumerate(rows):
-        prompt[i, p - len(r):], mask[i, p - len(r):] = r, True
-    keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(seed), jnp.arange(b))
-    active = np.arange(b) < len(rows)
+    batch, n_rows = prompt_batch(t_config, rows, num_return_sequences, max_new_tokens, pad_id, seed)
     d_graph, d_params = draft if draft is not None else (None, None)
     if on_token is not None:
-        _stream_sink.append(_Steps(on_token, len(rows), pad_id))
+        _stream_sink.append(_Steps(on_token, n_rows, pad_id))
     try:
-        out, stats = _speculate_jit(t_graph, t_params, d_graph, d_params, jnp.asarray(prompt), jnp.asarray(mask),
-                                    keys, jnp.asarray(active), max_new=max_new_tokens, k=k, sampling=sampling,
-                                    eos_id=eos_id, pad_id=pad_id, stream=on_token is not None)
+        out, stats = _speculate_jit(t_graph, t_params, d_graph, d_params, *batch, max_new=max_new_tokens, k=k,
+                                    sampling=sampling, eos_id=eos_id, pad_id=pad_id, stream=on_token is not None)
         out, stats = np.asarray(out), [int(s) for s in np.asarray(stats)]
     finally:
         if on_token is not None:
             _stream_sink.pop()
-    return out[:len(rows)], SpeculationStats(*stats)
+    return out[:n_rows], SpeculationStats(*stats)
 
 
 def compiled_programs() -> int:

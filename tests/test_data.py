@@ -86,8 +86,8 @@ def test_workers_and_beam_write_the_shards_of_one_process(corpus, tmp_path):
 
 
 def test_killed_preparation_resumes_to_identical_shards(corpus, tmp_path):
-    """A preparation killed with SIGKILL at 3 moments (the first temporary shard, then seeded random
-    times), rerun after each: the shards equal an undisturbed preparation's; finished units are kept."""
+    """A preparation killed with SIGKILL at 3 moments (at its first completed unit, then seeded random
+    times of 10-30% of a clean preparation's duration after it), rerun after each: the shards equal an undisturbed preparation's; finished units are kept."""
     import random
     import subprocess
     import sys
@@ -96,13 +96,20 @@ def test_killed_preparation_resumes_to_identical_shards(corpus, tmp_path):
     src_dir = corpus[0]
     code = ("import sys; from jaxlm.data import files_source, prepare_source; from jaxlm.tokenizer import ByteTokenizer; "
             "prepare_source(files_source(sys.argv[1]), ByteTokenizer(), sys.argv[2], chunk_bytes=300)")
+    t0 = time.perf_counter()
     want = prepare_source(files_source(str(src_dir)), ByteTokenizer(), tmp_path / "clean", chunk_bytes=300)
+    took = time.perf_counter() - t0
     out = tmp_path / "killed"
     rng = random.Random(0)
     kept = []
-    for delay in (0.0, rng.uniform(0, 0.4), rng.uniform(0, 0.4)):
+    # Kill times as fractions of an undisturbed preparation's duration (this machine's speed varies),
+    # summing to well under it: the killed runs cannot finish the work between them.
+    for delay in (0.0, rng.uniform(0.1, 0.3) * took, rng.uniform(0.1, 0.3) * took):
+        done_before = len(list(out.glob("unit-*.json")))
         proc = subprocess.Popen([sys.executable, "-c", code, str(src_dir), str(out)])
-        while proc.poll() is None and not (out.is_dir() and any(out.glob(".tmp-*"))):
+        # Work began: a unit completed (temporary shards live for microseconds and a killed run's
+        # stay until the next run, past its imports, removes them: they cannot tell).
+        while proc.poll() is None and len(list(out.glob("unit-*.json"))) <= done_before:
             time.sleep(0.002)
         time.sleep(delay)
         proc.kill()
@@ -111,7 +118,7 @@ def test_killed_preparation_resumes_to_identical_shards(corpus, tmp_path):
     assert not (out / "index.json").exists(), "the kills came too late to test anything"
     assert prepare_source(files_source(str(src_dir)), ByteTokenizer(), out, chunk_bytes=300) == want
     assert shard_digests(out) == shard_digests(tmp_path / "clean") and not list(out.glob(".tmp-*"))
-    print("units complete at each kill:", kept, "of", want["units"])
+    print("units complete at each kill:", kept, "of", want["units"], f"(clean preparation {took:.2f}s)")
 
 
 @pytest.fixture(scope="module")

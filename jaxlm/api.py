@@ -16,7 +16,7 @@ from jaxlm.config import RUNTIME_FIELDS, MeshConfig, ModelConfig
 from jaxlm.generate import Sampling, check_request, generate_ids, integer
 from jaxlm.io import read_model, save_model
 from jaxlm.sharding import check_model_fits, make_mesh, param_shardings
-from jaxlm.speculative import speculate_ids
+from jaxlm.speculative import DEFAULT_K, MAX_K, speculate_ids
 from jaxlm.transformer import abstract_model, params_for
 
 
@@ -26,9 +26,6 @@ def _apply(graphdef, params, input_ids, attention_mask, token_type_ids, output: 
     if output == "hidden":
         return model.hidden_states(input_ids, attention_mask, token_type_ids)
     return model(input_ids, attention_mask, token_type_ids)
-
-
-MAX_SPECULATE_K = 32
 
 
 class LM:
@@ -119,7 +116,7 @@ class LM:
         ``on_token(step, token_ids[B * n])`` is called as each token is produced (streaming).
 
         Speculative decoding: ``draft`` (an ``LM``, a model path, or ``"prompt_lookup"``) proposes
-        ``speculate_k`` tokens (default 4) that this model checks in one pass; the output follows
+        ``speculate_k`` tokens (default ``speculative.DEFAULT_K``, 4) that this model checks in one pass; the output follows
         this model's distribution exactly (greedy: the same tokens). ``last_speculation`` then holds
         the call's ``SpeculationStats`` (acceptance rate, tokens per pass).
         """
@@ -175,8 +172,8 @@ class LM:
             if speculate_k is not None:
                 raise ValueError("speculate_k needs a draft: pass draft=LM, a model path or 'prompt_lookup'")
             return None, 0
-        k = integer("speculate_k", 4 if speculate_k is None else speculate_k)
-        limit = min(MAX_SPECULATE_K, self.config.context - 1)
+        k = integer("speculate_k", DEFAULT_K if speculate_k is None else speculate_k)
+        limit = min(MAX_K, self.config.context - 1)
         if not 1 <= k <= limit:
             raise ValueError(f"speculate_k={k} must be in [1, {limit}] (the target's context is "
                              f"{self.config.context} tokens)")

@@ -28,6 +28,7 @@ def cmd_generate(args) -> int:
 
     import jaxlm
     from jaxlm.generate import Sampling, check_request
+    from jaxlm.speculative import DEFAULT_K
 
     mesh = _mesh_overrides("generate", args.overrides)
     # Bad settings fail at once, not after loading the model.
@@ -52,7 +53,7 @@ def cmd_generate(args) -> int:
         kw.update(draft=args.draft, speculate_k=args.speculate_k)
     out = lm.generate(rows, **kw, on_token=on_token)
     if args.draft is not None:
-        _log(f"speculative decoding (draft {args.draft}, K={args.speculate_k or 4}): {lm.last_speculation}")
+        _log(f"speculative decoding (draft {args.draft}, K={args.speculate_k or DEFAULT_K}): {lm.last_speculation}")
     for r, row in enumerate(out):
         prompt = args.prompt[r // n]
         text, ids = lm.continuation(row[-args.max_new_tokens:], args.stop)

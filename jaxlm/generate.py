@@ -138,12 +138,17 @@ def sample(logits, keys, temperature, top_k, top_p):
 
     def sampled():
         t = jnp.where(temperature > 0, temperature, 1.0)
-        cdf = jnp.cumsum(jax.nn.softmax(filter_logits(logits, t, top_k, top_p), axis=-1), axis=-1)
-        u = jax.vmap(jax.random.uniform)(keys)[:, None] * cdf[:, -1:]
-        tok = jnp.minimum(jnp.sum(cdf <= u, axis=-1), logits.shape[-1] - 1).astype(jnp.int32)
-        return jnp.where(temperature > 0, tok, greedy)
+        probs = jax.nn.softmax(filter_logits(logits, t, top_k, top_p), axis=-1)
+        return jnp.where(temperature > 0, inverse_cdf(probs, jax.vmap(jax.random.uniform)(keys)), greedy)
 
     return jax.lax.cond(jnp.all(temperature == 0), lambda: greedy, sampled)
+
+
+def inverse_cdf(probs, u):
+    """One token per row of probs [N, V] (need not sum to 1): the first whose cumulative
+    probability exceeds u [N] (uniform in [0, 1)) times the row's total."""
+    cdf = jnp.cumsum(probs, axis=-1)
+    return jnp.minimum(jnp.sum(cdf <= u[:, None] * cdf[:, -1:], axis=-1), probs.shape[-1] - 1).astype(jnp.int32)
 
 
 def sampling_rows(s: Sampling, b: int):

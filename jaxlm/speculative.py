@@ -29,10 +29,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxlm.generate import Sampling, filter_logits, init_cache, prompt_batch, sampling_rows
+from jaxlm.generate import Sampling, filter_logits, init_cache, inverse_cdf, prompt_batch, sample, sampling_rows
 from jaxlm.transformer import positions_from_mask
 
 LOOKUP_NGRAM = 3  # prompt lookup matches the last 3 tokens, then 2, then 1
+DEFAULT_K = 4  # proposals per round when none is given
+MAX_K = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,10 +66,13 @@ def _take(x, idx):
     return jnp.take_along_axis(x, idx, axis=1)
 
 
-def _draw(probs, u):
-    """One token per row from probs [N, V] (unnormalised) by inverse CDF with uniforms u [N]."""
-    cdf = jnp.cumsum(probs, axis=-1)
-    return jnp.minimum(jnp.sum(cdf <= u[:, None] * cdf[:, -1:], axis=-1), probs.shape[-1] - 1).astype(jnp.int32)
+def _fold(keys, i):
+    """Each row's key [B] folded with i."""
+    return jax.vmap(jax.random.fold_in, (0, None))(keys, i)
+
+
+def _uniform(keys):
+    return jax.vmap(jax.random.uniform)(keys)
 
 
 def _filtered_probs(logits, rows):
@@ -132,12 +137,7 @@ def _speculate(t_graph, t_params, d_graph, d_params, prompt, prompt_mask, row_ke
 
     h, t_cache, t_valid = prefill(target)
     rows = sampling_rows(sampling, b)
-    first_logits = target.head(h[:, -1:])[:, 0]
-    if sampling.greedy:
-        first = jnp.argmax(first_logits, axis=-1).astype(jnp.int32)
-    else:
-        u = jax.vmap(lambda key: jax.random.uniform(jax.random.fold_in(key, 0)))(row_keys)
-        first = _draw(_filtered_probs(first_logits, rows), u)
+    first = sample(target.head(h[:, -1:])[:, 0], _fold(row_keys, 0), *rows)  # as plain generation does
     if draft is not None:
         _, d_cache, d_valid = prefill(draft)
     else:
@@ -162,31 +162,30 @@ def _speculate(t_graph, t_params, d_graph, d_params, prompt, prompt_mask, row_ke
         hd, d_cache = draft.decode(ids, pos, d_cache, slot, d_valid)  # rewrites the slot before
         logits = draft.head(hd[:, -1:])[:, 0]  # pending: a fully accepted round left it unwritten
 
+        def pick(logits, j):
+            """The j-th proposal [B] and the draft's distribution it was drawn from [B, V] (None: greedy)."""
+            if sampling.greedy:
+                return jnp.argmax(logits, axis=-1).astype(jnp.int32), None
+            q = _filtered_probs(logits, rows)
+            return inverse_cdf(q, _uniform(_fold(keys, j))), q
+
         def step(carry, j):
             logits, d_cache = carry
-            if sampling.greedy:
-                tok, q = jnp.argmax(logits, axis=-1).astype(jnp.int32), None
-            else:
-                q = _filtered_probs(logits, rows)
-                tok = _draw(q, jax.vmap(jax.random.uniform)(jax.vmap(jax.random.fold_in, (0, None))(keys, j)))
+            tok, q = pick(logits, j)
             _, pos, slot = model_inputs(draft, hist, (pend + 1 + j)[:, None])
             hd, d_cache = draft.decode(tok[:, None], pos, d_cache, slot, d_valid)
             return (draft.head(hd)[:, 0], d_cache), (tok, q)
 
         # K - 1 fed steps, then the K-th proposal from the last logits (its keys are written next round).
         (logits, d_cache), (toks, qs) = jax.lax.scan(step, (logits, d_cache), jnp.arange(k - 1))
-        toks = jnp.moveaxis(toks, 0, 1)
-        if sampling.greedy:
-            return jnp.concatenate([toks, jnp.argmax(logits, -1).astype(jnp.int32)[:, None]], 1), None, d_cache
-        q = _filtered_probs(logits, rows)
-        last = _draw(q, jax.vmap(jax.random.uniform)(jax.vmap(jax.random.fold_in, (0, None))(keys, k - 1)))
-        return (jnp.concatenate([toks, last[:, None]], 1),
-                jnp.concatenate([jnp.moveaxis(qs, 0, 1), q[:, None]], 1), d_cache)
+        last, q = pick(logits, k - 1)
+        toks = jnp.concatenate([jnp.moveaxis(toks, 0, 1), last[:, None]], 1)
+        return toks, None if q is None else jnp.concatenate([jnp.moveaxis(qs, 0, 1), q[:, None]], 1), d_cache
 
     def body(state):
         i, hist, n, done, t_cache, d_cache, stats = state
-        keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, i)
-        k_draft, k_accept, k_final = (jax.vmap(jax.random.fold_in, (0, None))(keys, s) for s in range(3))
+        keys = _fold(row_keys, i)
+        k_draft, k_accept, k_final = (_fold(keys, s) for s in range(3))
         d, q, d_cache = propose(i, hist, n, d_cache, k_draft)
         pend = p + n - 1
         ids, pos, slot = model_inputs(target, hist, pend[:, None] + arange)
@@ -201,17 +200,21 @@ def _speculate(t_graph, t_params, d_graph, d_params, prompt, prompt_mask, row_ke
             x = _take(best, a[:, None])[:, 0]
         else:
             probs = _filtered_probs(logits, rows)  # p_0..p_K
-            if q is None:  # one-hot proposals (prompt lookup)
-                q = jax.nn.one_hot(d, probs.shape[-1], dtype=probs.dtype)
             p_d = jnp.take_along_axis(probs[:, :k], d[..., None], axis=-1)[..., 0]
-            q_d = jnp.take_along_axis(q, d[..., None], axis=-1)[..., 0]
             u = jax.vmap(lambda key: jax.random.uniform(key, (k,)))(k_accept)
-            a = jnp.sum(jnp.cumprod(u * q_d < p_d, axis=1), axis=1)
+            if q is None:  # prompt lookup: one-hot proposals (q(d) = 1)
+                a = jnp.sum(jnp.cumprod(u < p_d, axis=1), axis=1)
+                q_a = jnp.where((a < k)[:, None], jax.nn.one_hot(_take(d, jnp.minimum(a, k - 1)[:, None])[:, 0],
+                                                                 probs.shape[-1], dtype=probs.dtype), 0.0)
+            else:
+                q_d = jnp.take_along_axis(q, d[..., None], axis=-1)[..., 0]
+                a = jnp.sum(jnp.cumprod(u * q_d < p_d, axis=1), axis=1)
+                q_a = jnp.take_along_axis(jnp.concatenate([q, jnp.zeros_like(q[:, :1])], 1), a[:, None, None],
+                                          axis=1)[:, 0]  # zeros past K: the bonus draws from p_K
             p_a = jnp.take_along_axis(probs, a[:, None, None], axis=1)[:, 0]
-            q_a = jnp.take_along_axis(jnp.concatenate([q, jnp.zeros_like(q[:, :1])], 1), a[:, None, None], axis=1)[:, 0]
             residual = jnp.maximum(p_a - q_a, 0.0)
             residual = jnp.where(jnp.sum(residual, -1, keepdims=True) > 0, residual, p_a)
-            x = _draw(residual, jax.vmap(jax.random.uniform)(k_final))
+            x = inverse_cdf(residual, _uniform(k_final))
 
         cand = jnp.where(arange == a[:, None], x[:, None], jnp.concatenate([d, d[:, :1]], axis=1))
         m = jnp.minimum(a + 1, max_new - n)

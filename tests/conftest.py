@@ -33,17 +33,6 @@ import pytest  # noqa: E402
 from jaxlm.testing import save_random_hf  # noqa: E402
 
 
-# The longest files first: pytest-xdist hands whole files (--dist loadfile) to the 2 workers in
-# collection order, so a long file collected last would leave one worker idle at the end.
-LONGEST_FIRST = ("test_train.py", "test_sharding.py", "test_serve.py", "test_compress.py", "test_io_atomic.py",
-                 "test_speculative.py", "test_classify.py", "test_data.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a file kept
-
-
 @pytest.fixture(scope="session")
 def hf_dir(tmp_path_factory):
     """hf_dir(architecture, size="tiny") -> path of a saved random HF model (cached per session)."""

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxlm import kernels
 from jaxlm.layers import Dense, Norm, apply_rope, dense_options, dropout, rope_frequencies
 
 
@@ -92,6 +93,11 @@ def cached_attention(q, k, v, mask, *, scale: float | None = None, softcap: floa
     layout, read without a transpose); mask [B, 1, T, S]. Scores and softmax in float32."""
     b, t, h, dh = q.shape
     kh = k.shape[1]
+    if t == 1 and softcap is None:  # on one CPU device inside kernels.use(): jaxlm's decode kernel
+        out = kernels.decode_attention(q.reshape(b, h, dh), k, v, mask.reshape(b, -1),
+                                       dh ** -0.5 if scale is None else scale)
+        if out is not None:
+            return out.astype(q.dtype).reshape(b, t, h, dh)
     q = q.reshape(b, t, kh, h // kh, dh)
     scores = jnp.einsum("btkgd,bksd->bkgts", q, k.astype(q.dtype), preferred_element_type=jnp.float32)
     scores = scores * (dh ** -0.5 if scale is None else scale)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxlm import kernels
 from jaxlm.config import ModelConfig
 from jaxlm.sharding import constrain
 from jaxlm.transformer import positions_from_mask
@@ -235,8 +236,9 @@ def _generate(graphdef, params, prompt, prompt_mask, row_keys, active, *, max_ne
     return state[4]
 
 
-_generate_jit = jax.jit(_generate, static_argnames=("graphdef", "max_new", "sampling", "eos_id",
-                                                    "pad_id", "stream"))
+# use_kernels=on_one_cpu(params): decode-sized matmuls by jaxlm.kernels (weights read once per step).
+_generate_jit = kernels.jit(_generate, static_argnames=("graphdef", "max_new", "sampling", "eos_id",
+                                                        "pad_id", "stream"))
 _stream_sink = []  # the callback of the streaming call in progress (one at a time)
 
 
@@ -267,7 +269,8 @@ def generate_ids(graphdef, params, config: ModelConfig, rows, *, max_new_tokens:
         _stream_sink.append(on_token)
     try:
         out = _generate_jit(graphdef, params, *batch, max_new=max_new_tokens, sampling=sampling,
-                            eos_id=eos_id, pad_id=pad_id, stream=on_token is not None)
+                            eos_id=eos_id, pad_id=pad_id, stream=on_token is not None,
+                            use_kernels=kernels.on_one_cpu(params))
         out = np.asarray(out)
     finally:
         if on_token is not None:

@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxlm import kernels
+
 Axes = tuple[str | None, ...]
 
 
@@ -101,7 +103,7 @@ class Dense(nnx.Module):
                 out_shape = q.shape[n_in:]
             else:
                 kernel = self.kernel[...].astype(self.dtype)
-                y = x2 @ kernel.reshape(self.fan_in, self.fan_out)
+                y = kernels.matmul(x2, kernel.reshape(self.fan_in, self.fan_out))
                 out_shape = kernel.shape[n_in:]
             if self.lora_scale:
                 y = y + self.lora_scale * ((x2 @ self.lora_a[...].astype(self.dtype)) @ self.lora_b[...].astype(self.dtype))
@@ -165,7 +167,7 @@ class Embed(nnx.Module):
     def attend(self, x):
         # As a 2-D matmul: the einsum form made XLA:CPU transpose the [B*T, V] logit gradient.
         e = self.embedding[...].astype(self.dtype)
-        y = (x.astype(self.dtype).reshape(-1, e.shape[1]) @ e.T)
+        y = kernels.matmul(x.astype(self.dtype).reshape(-1, e.shape[1]), e, transpose=True)
         if self.quantized:
             y = y * self.scale[...].astype(self.dtype)
         return y.reshape(*x.shape[:-1], e.shape[0])

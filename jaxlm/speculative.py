@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxlm import kernels
 from jaxlm.generate import Sampling, filter_logits, init_cache, inverse_cdf, prompt_batch, sample, sampling_rows
 from jaxlm.transformer import positions_from_mask
 
@@ -242,8 +243,8 @@ def _speculate(t_graph, t_params, d_graph, d_params, prompt, prompt_mask, row_ke
     return hist[:, p:p + max_new], stats
 
 
-_speculate_jit = jax.jit(_speculate, static_argnames=("t_graph", "d_graph", "max_new", "k", "sampling", "eos_id",
-                                                      "pad_id", "stream"))
+_speculate_jit = kernels.jit(_speculate, static_argnames=("t_graph", "d_graph", "max_new", "k", "sampling",
+                                                          "eos_id", "pad_id", "stream"))
 _stream_sink = []  # the callback of the streaming call in progress (one at a time)
 
 
@@ -287,7 +288,8 @@ def speculate_ids(t_graph, t_params, t_config, rows, *, draft, k: int, max_new_t
         _stream_sink.append(_Steps(on_token, n_rows, pad_id))
     try:
         out, stats = _speculate_jit(t_graph, t_params, d_graph, d_params, *batch, max_new=max_new_tokens, k=k,
-                                    sampling=sampling, eos_id=eos_id, pad_id=pad_id, stream=on_token is not None)
+                                    sampling=sampling, eos_id=eos_id, pad_id=pad_id, stream=on_token is not None,
+                                    use_kernels=kernels.on_one_cpu((t_params, d_params)))
         out, stats = np.asarray(out), [int(s) for s in np.asarray(stats)]
     finally:
         if on_token is not None:

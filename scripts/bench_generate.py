@@ -55,6 +55,11 @@ def main(argv=None) -> int:
     print(load_line())
     bandwidth = weight_read_bandwidth()
     weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(lm.params))
+    from jaxlm import kernels
+
+    used = ("jaxlm.kernels (CPU, weights read once per step)" if kernels.available()
+            else "XLA's dot (jaxlm.kernels not built here)")
+    print(f"jaxlm decode matmuls: {used}")
     print(f"weight-read bandwidth (matvec chain): {bandwidth / 1e9:.1f} GB/s; one decode step reads "
           f"{weight_bytes / 1e6:.0f} MB of weights: roofline {bandwidth / weight_bytes:.1f} tokens/s per row")
     print(f"GPT-2 {args.size} ({sum(x.size for x in jax.tree.leaves(lm.params)) / 1e6:.0f}M params), "

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxlm import kernels
 from jaxlm.generate import MAX_TOP_LOGPROBS, Sampling, bucket, init_cache, sample, token_logprobs
 
 
@@ -113,7 +114,7 @@ class Request:
         return self.choices
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
+@functools.partial(kernels.jit, static_argnames=("graphdef",))
 def _prefill(graphdef, params, ids, length):
     """ids [1, P] right-padded, ``length`` real tokens -> (the prompt's cache rows, in init_cache's
     layout with P (+ soft prompt) slots, and the next-token logits [1, V] after the last real one)."""
@@ -149,7 +150,7 @@ def _insert(state, rows, logits, slot, length, temperature, top_k, top_p, key, w
     return state, (tok, *lp)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnums=(2,))
+@functools.partial(kernels.jit, static_argnames=("graphdef",), donate_argnums=(2,))
 def _step(graphdef, params, state, active):
     """One token for every slot: each row's last token at its own cache index (inactive rows run
     too, on whatever their slot holds, and are ignored)."""
@@ -196,6 +197,7 @@ class Engine:
         self.eos_id = cfg.eos_token_id if cfg.eos_token_id is not None else (tok.eos_id if tok is not None else None)
         self.pad_id = next(i for i in (cfg.pad_token_id, self.eos_id, 0) if i is not None and 0 <= i < cfg.vocab_size)
         self.metrics = metrics
+        self._small = kernels.on_one_cpu(lm.params)  # decode-sized matmuls by jaxlm.kernels
         self._pending: collections.deque[Request] = collections.deque()
         self._slots: list[Choice | None] = [None] * max_batch
         self._cv = threading.Condition()
@@ -296,7 +298,8 @@ class Engine:
         with self.lm._on_mesh():
             for p in self._buckets():
                 self._prefill_into(np.zeros(p, np.int32), 0, Sampling(), jax.random.key(0), False)
-            self._state, _ = _step(self.lm.graphdef, self.lm.params, self._state, jnp.zeros(self.max_batch, bool))
+            self._state, _ = _step(self.lm.graphdef, self.lm.params, self._state, jnp.zeros(self.max_batch, bool),
+                                   use_kernels=self._small)
 
     def compiled_programs(self) -> int:
         """Programs compiled so far by the engine's jitted functions (prefill, insert, step)."""
@@ -376,14 +379,16 @@ class Engine:
         for choice, slot in zip(request.choices, free):
             key = jax.random.fold_in(root, choice.index)
             if rows is None:
-                rows, logits = _prefill(self.lm.graphdef, self.lm.params, jnp.asarray(ids)[None], len(request.ids))
+                rows, logits = _prefill(self.lm.graphdef, self.lm.params, jnp.asarray(ids)[None], len(request.ids),
+                                        use_kernels=self._small)
             out = self._insert(rows, logits, slot, len(request.ids), request.sampling, key, request.logprobs is not None)
             choice.slot = slot
             self._slots[slot] = choice
             self._emit(choice, *out)
 
     def _prefill_into(self, ids, n_prompt, sampling, key, want):
-        rows, logits = _prefill(self.lm.graphdef, self.lm.params, jnp.asarray(ids)[None], max(n_prompt, 1))
+        rows, logits = _prefill(self.lm.graphdef, self.lm.params, jnp.asarray(ids)[None], max(n_prompt, 1),
+                                use_kernels=self._small)
         return self._insert(rows, logits, 0, n_prompt, sampling, key, want)
 
     def _insert(self, rows, logits, slot, n_prompt, sampling, key, want):
@@ -396,7 +401,8 @@ class Engine:
 
     def _decode(self) -> None:
         active = np.array([c is not None for c in self._slots])
-        self._state, out = _step(self.lm.graphdef, self.lm.params, self._state, jnp.asarray(active))
+        self._state, out = _step(self.lm.graphdef, self.lm.params, self._state, jnp.asarray(active),
+                                 use_kernels=self._small)
         tok, lp, top_ids, top_lp = (np.asarray(x) for x in out)
         for slot, choice in enumerate(self._slots):
             if choice is not None:

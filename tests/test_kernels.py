@@ -104,14 +104,14 @@ def test_on_one_cpu():
 
 @needs_kernels
 def test_decoding_with_kernels_gives_the_same_tokens(hf_dir):
-    """Batches 1, 3 and 8 of ragged prompts, GPT-2 (tied embedding: the transposed kernel) and
+    """Batches 1 and 8 of ragged prompts, GPT-2 (tied embedding: the transposed kernel) and
     Llama (untied head): greedy tokens equal to decoding with XLA's dot."""
     from jaxlm import generate
 
     for arch in ("GPT2LMHeadModel", "LlamaForCausalLM"):
         lm = jaxlm.load(hf_dir(arch))
         rng = np.random.default_rng(2)
-        for b in (1, 3, 8):
+        for b in (1, 8):
             rows = [list(rng.integers(1, 200, int(rng.integers(2, 12)))) for _ in range(b)]
             ids = {}
             batch, n = generate.prompt_batch(lm.config, rows, 1, 24, 0, 0)

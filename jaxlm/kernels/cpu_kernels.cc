@@ -266,30 +266,25 @@ void AttendOne(const float* q, const float* k, const float* v, const bool* valid
 
 #endif  // JAXLM_FAST
 
-ffi::Error MatmulKN(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                    ffi::ResultBuffer<ffi::F32> y) {
+// x [M, K] times w [K, N] (kTransposed: w [N, K], y = x @ w.T) -> y [M, N]. One range of output
+// columns per thread: long forward runs along the rows of w for the prefetchers.
+template <bool kTransposed>
+ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                  ffi::ResultBuffer<ffi::F32> y) {
 #if JAXLM_FAST
-  const int64_t M = x.dimensions()[0], K = x.dimensions()[1], N = w.dimensions()[1];
+  const int64_t M = x.dimensions()[0], K = x.dimensions()[1], N = w.dimensions()[kTransposed ? 0 : 1];
   const float *xp = x.typed_data(), *wp = w.typed_data();
   float* yp = y->typed_data();
-  // One column range per thread: long forward runs along each row of w for the prefetchers.
-  ParallelFor(pool, N, Grain(pool, N, 32), [=](int64_t n0, int64_t n1) { KnRange(xp, M, K, wp, N, yp, n0, n1); });
+  ParallelFor(pool, N, Grain(pool, N, kTransposed ? 3 : 32), [=](int64_t n0, int64_t n1) {
+    if (kTransposed) {
+      NkRange(xp, M, K, wp, N, yp, n0, n1);
+    } else {
+      KnRange(xp, M, K, wp, N, yp, n0, n1);
+    }
+  });
   return ffi::Error::Success();
 #else
-  return ffi::Error::Internal("jaxlm's CPU matmul kernels were built without AVX-512");
-#endif
-}
-
-ffi::Error MatmulNK(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                    ffi::ResultBuffer<ffi::F32> y) {
-#if JAXLM_FAST
-  const int64_t M = x.dimensions()[0], K = x.dimensions()[1], N = w.dimensions()[0];
-  const float *xp = x.typed_data(), *wp = w.typed_data();
-  float* yp = y->typed_data();
-  ParallelFor(pool, N, Grain(pool, N, 4), [=](int64_t n0, int64_t n1) { NkRange(xp, M, K, wp, N, yp, n0, n1); });
-  return ffi::Error::Success();
-#else
-  return ffi::Error::Internal("jaxlm's CPU matmul kernels were built without AVX-512");
+  return ffi::Error::Internal("jaxlm's CPU kernels were built without AVX-512");
 #endif
 }
 
@@ -320,14 +315,14 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxlmMatmulKN, MatmulKN,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxlmMatmulKN, Matmul<false>,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxlmMatmulNK, MatmulNK,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxlmMatmulNK, Matmul<true>,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

@@ -236,7 +236,7 @@ def _generate(graphdef, params, prompt, prompt_mask, row_keys, active, *, max_ne
     return state[4]
 
 
-# use_kernels=on_one_cpu(params): decode-sized matmuls by jaxlm.kernels (weights read once per step).
+# use_kernels=on_one_cpu(params): jaxlm.kernels' CPU decode kernels (weights read once per step).
 _generate_jit = kernels.jit(_generate, static_argnames=("graphdef", "max_new", "sampling", "eos_id",
                                                         "pad_id", "stream"))
 _stream_sink = []  # the callback of the streaming call in progress (one at a time)

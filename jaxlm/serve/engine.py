@@ -197,7 +197,7 @@ class Engine:
         self.eos_id = cfg.eos_token_id if cfg.eos_token_id is not None else (tok.eos_id if tok is not None else None)
         self.pad_id = next(i for i in (cfg.pad_token_id, self.eos_id, 0) if i is not None and 0 <= i < cfg.vocab_size)
         self.metrics = metrics
-        self._small = kernels.on_one_cpu(lm.params)  # decode-sized matmuls by jaxlm.kernels
+        self._use_kernels = kernels.on_one_cpu(lm.params)  # jaxlm.kernels' CPU decode kernels
         self._pending: collections.deque[Request] = collections.deque()
         self._slots: list[Choice | None] = [None] * max_batch
         self._cv = threading.Condition()
@@ -299,7 +299,7 @@ class Engine:
             for p in self._buckets():
                 self._prefill_into(np.zeros(p, np.int32), 0, Sampling(), jax.random.key(0), False)
             self._state, _ = _step(self.lm.graphdef, self.lm.params, self._state, jnp.zeros(self.max_batch, bool),
-                                   use_kernels=self._small)
+                                   use_kernels=self._use_kernels)
 
     def compiled_programs(self) -> int:
         """Programs compiled so far by the engine's jitted functions (prefill, insert, step)."""
@@ -380,7 +380,7 @@ class Engine:
             key = jax.random.fold_in(root, choice.index)
             if rows is None:
                 rows, logits = _prefill(self.lm.graphdef, self.lm.params, jnp.asarray(ids)[None], len(request.ids),
-                                        use_kernels=self._small)
+                                        use_kernels=self._use_kernels)
             out = self._insert(rows, logits, slot, len(request.ids), request.sampling, key, request.logprobs is not None)
             choice.slot = slot
             self._slots[slot] = choice
@@ -388,7 +388,7 @@ class Engine:
 
     def _prefill_into(self, ids, n_prompt, sampling, key, want):
         rows, logits = _prefill(self.lm.graphdef, self.lm.params, jnp.asarray(ids)[None], max(n_prompt, 1),
-                                use_kernels=self._small)
+                                use_kernels=self._use_kernels)
         return self._insert(rows, logits, 0, n_prompt, sampling, key, want)
 
     def _insert(self, rows, logits, slot, n_prompt, sampling, key, want):
@@ -402,7 +402,7 @@ class Engine:
     def _decode(self) -> None:
         active = np.array([c is not None for c in self._slots])
         self._state, out = _step(self.lm.graphdef, self.lm.params, self._state, jnp.asarray(active),
-                                 use_kernels=self._small)
+                                 use_kernels=self._use_kernels)
         tok, lp, top_ids, top_lp = (np.asarray(x) for x in out)
         for slot, choice in enumerate(self._slots):
             if choice is not None:

@@ -109,6 +109,10 @@ def matmul(x, w, transpose: bool = False):
     if (enabled() and x.ndim == 2 and w.ndim == 2 and x.shape[0] <= (MAX_ROWS_TRANSPOSED if transpose else MAX_ROWS)
             and x.dtype == jnp.float32 and w.dtype == jnp.float32):
         return _matmul(x, w, transpose)
+    return _xla_matmul(x, w, transpose)
+
+
+def _xla_matmul(x, w, transpose):
     return x @ (w.T if transpose else w)
 
 
@@ -117,13 +121,13 @@ def _matmul(x, w, transpose):
     n = w.shape[0] if transpose else w.shape[1]
     call = jax.ffi.ffi_call("jaxlm_matmul_nk" if transpose else "jaxlm_matmul_kn",
                             jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32))
-    return jax.lax.platform_dependent(x, w, cpu=call, default=lambda x, w: x @ (w.T if transpose else w))
+    return jax.lax.platform_dependent(x, w, cpu=call, default=lambda x, w: _xla_matmul(x, w, transpose))
 
 
 @_matmul.defjvp
 def _matmul_jvp(transpose, primals, tangents):  # differentiated uses: XLA's dot for the tangent
     (x, w), (dx, dw) = primals, tangents
-    return _matmul(x, w, transpose), dx @ (w.T if transpose else w) + x @ (dw.T if transpose else dw)
+    return _matmul(x, w, transpose), _xla_matmul(dx, w, transpose) + _xla_matmul(x, dw, transpose)
 
 
 def decode_attention(q, k, v, valid, scale: float):

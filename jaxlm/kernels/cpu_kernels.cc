@@ -41,9 +41,6 @@ extern "C" int JaxlmKernelsUsable() {
 
 namespace {
 
-// Runs body(begin, end) over [0, n) in chunks of `grain`, on the calling thread and the pool's.
-// Participants take chunks from a shared counter, so a task that starts late finds no work and a
-// busy pool never blocks the caller for longer than one chunk.
 // Splits n into one range per thread, each a multiple of `align`.
 int64_t Grain(ffi::ThreadPool& pool, int64_t n, int64_t align) {
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
@@ -51,6 +48,9 @@ int64_t Grain(ffi::ThreadPool& pool, int64_t n, int64_t align) {
   return std::max(align, (per + align - 1) / align * align);
 }
 
+// Runs body(begin, end) over [0, n) in chunks of `grain`, on the calling thread and the pool's.
+// Participants take chunks from a shared counter, so a task that starts late finds no work and a
+// busy pool never blocks the caller for longer than one chunk.
 template <typename Body>
 void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t grain, Body body) {
   const int64_t chunks = (n + grain - 1) / grain;
@@ -216,8 +216,8 @@ inline __m512 Exp(__m512 x) {  // e^x, float32, |relative error| < 2e-7 (range r
 
 void AttendOne(const float* q, const float* k, const float* v, const bool* valid, float* out, int64_t G,
                int64_t S, int64_t D, float scale, float* scores) {
-  const int64_t nd = (D + 15) / 16;
-  const __mmask16 tail = Mask(D - (nd - 1) * 16);
+  const int64_t nd = (D + 15) / 16;  // 16-lane chunks of a head; the last may be partial
+  auto lanes = [=](int64_t c) { return Mask(D - 16 * c); };
   float best[64];
   for (int64_t g = 0; g < G; ++g) best[g] = -INFINITY;
   for (int64_t s = 0; s < S; ++s) {
@@ -226,8 +226,8 @@ void AttendOne(const float* q, const float* k, const float* v, const bool* valid
     for (int64_t g = 0; g < G; ++g) {
       __m512 acc = _mm512_setzero_ps();
       for (int64_t c = 0; c < nd; ++c) {
-        const __mmask16 m = c == nd - 1 ? tail : __mmask16(0xFFFF);
-        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + g * D + 16 * c), _mm512_maskz_loadu_ps(m, ks + 16 * c), acc);
+        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(lanes(c), q + g * D + 16 * c),
+                              _mm512_maskz_loadu_ps(lanes(c), ks + 16 * c), acc);
       }
       const float x = _mm512_reduce_add_ps(acc) * scale;
       scores[g * S + s] = x;
@@ -257,10 +257,10 @@ void AttendOne(const float* q, const float* k, const float* v, const bool* valid
       if (!valid[s]) continue;
       const __m512 p = _mm512_set1_ps(scores[g * S + s]);
       for (int64_t c = 0; c < nd; ++c)
-        acc[c] = _mm512_fmadd_ps(p, _mm512_maskz_loadu_ps(c == nd - 1 ? tail : __mmask16(0xFFFF), v + s * D + 16 * c), acc[c]);
+        acc[c] = _mm512_fmadd_ps(p, _mm512_maskz_loadu_ps(lanes(c), v + s * D + 16 * c), acc[c]);
     }
     for (int64_t c = 0; c < nd; ++c)
-      _mm512_mask_storeu_ps(out + g * D + 16 * c, c == nd - 1 ? tail : __mmask16(0xFFFF), acc[c]);
+      _mm512_mask_storeu_ps(out + g * D + 16 * c, lanes(c), acc[c]);
   }
 }
 
@@ -299,7 +299,8 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
   const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
   const bool* mp = valid.typed_data();
   float* op = out->typed_data();
-  ParallelFor(pool, B * KH, 1, [=](int64_t i0, int64_t i1) {
+  // One range of (row, cache head) pairs per thread: one scores buffer each, not one per pair.
+  ParallelFor(pool, B * KH, Grain(pool, B * KH, 1), [=](int64_t i0, int64_t i1) {
     std::vector<float> scores(G * S);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / KH;

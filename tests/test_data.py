@@ -86,24 +86,29 @@ def test_workers_and_beam_write_the_shards_of_one_process(corpus, tmp_path):
 
 
 def test_killed_preparation_resumes_to_identical_shards(corpus, tmp_path):
-    """A preparation killed with SIGKILL at 3 moments (at its first completed unit, then seeded random
-    times of 10-30% of a clean preparation's duration after it), rerun after each: the shards equal an undisturbed preparation's; finished units are kept."""
+    """A preparation killed with SIGKILL at 3 moments (at its first completed unit, then at seeded
+    random times of 10-30% of its duration after it), rerun after each: the shards equal an undisturbed
+    preparation's; finished units are kept."""
     import random
     import subprocess
     import sys
     import time
 
     src_dir = corpus[0]
-    code = ("import sys; from jaxlm.data import files_source, prepare_source; from jaxlm.tokenizer import ByteTokenizer; "
-            "prepare_source(files_source(sys.argv[1]), ByteTokenizer(), sys.argv[2], chunk_bytes=300)")
-    t0 = time.perf_counter()
     want = prepare_source(files_source(str(src_dir)), ByteTokenizer(), tmp_path / "clean", chunk_bytes=300)
-    took = time.perf_counter() - t0
+    # The killed runs take `pace` seconds per unit (a sleep before each), so the kill moments fall inside
+    # the work however fast or loaded this machine is (unthrottled, the units took milliseconds and a
+    # busy moment let a run finish before its kill).
+    pace = 0.01
+    code = ("import sys, time; from jaxlm.data import files_source, prepare_source; "
+            "from jaxlm.data.prepare import Preparation; from jaxlm.tokenizer import ByteTokenizer; "
+            "unit = Preparation.prepare_unit; "
+            f"Preparation.prepare_unit = lambda self, k: (time.sleep({pace}), unit(self, k))[1]; "
+            "prepare_source(files_source(sys.argv[1]), ByteTokenizer(), sys.argv[2], chunk_bytes=300)")
+    took = want["units"] * pace
     out = tmp_path / "killed"
     rng = random.Random(0)
     kept = []
-    # Kill times as fractions of an undisturbed preparation's duration (this machine's speed varies),
-    # summing to well under it: the killed runs cannot finish the work between them.
     for delay in (0.0, rng.uniform(0.1, 0.3) * took, rng.uniform(0.1, 0.3) * took):
         done_before = len(list(out.glob("unit-*.json")))
         proc = subprocess.Popen([sys.executable, "-c", code, str(src_dir), str(out)])
@@ -115,10 +120,10 @@ def test_killed_preparation_resumes_to_identical_shards(corpus, tmp_path):
         proc.kill()
         proc.wait()
         kept.append(len(list(out.glob("unit-*.json"))))
-    assert not (out / "index.json").exists(), "the kills came too late to test anything"
+    assert 0 < kept[0] <= kept[1] <= kept[2] < want["units"] and not (out / "index.json").exists(), kept
     assert prepare_source(files_source(str(src_dir)), ByteTokenizer(), out, chunk_bytes=300) == want
     assert shard_digests(out) == shard_digests(tmp_path / "clean") and not list(out.glob(".tmp-*"))
-    print("units complete at each kill:", kept, "of", want["units"], f"(clean preparation {took:.2f}s)")
+    print("units complete at each kill:", kept, "of", want["units"])
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,6 @@ import sys
 import pytest
 
 
-def jaxlm_cmd(*args):
-    return subprocess.run([sys.executable, "-m", "jaxlm.cli", *map(str, args)], capture_output=True, text=True)
-
-
 def assert_one_line_error(proc, pattern):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
@@ -109,18 +105,18 @@ def test_convert_124m_peak_memory_under_twice_file_size(hf_dir, tmp_path):
     assert peak <= 2 * size
 
 
-def test_generate_json_and_streaming(hf_dir, tmp_path):
+def test_generate_json_and_streaming(hf_dir, tmp_path, cli):
     import jaxlm
 
     src = hf_dir("GPT2LMHeadModel")
-    proc = jaxlm_cmd("generate", src, "--prompt", "Hello", "--prompt", "The cat sat", "--max-new-tokens", 8, "--json")
+    proc = cli("generate", src, "--prompt", "Hello", "--prompt", "The cat sat", "--max-new-tokens", 8, "--json")
     assert proc.returncode == 0, proc.stderr
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
     want = jaxlm.load(src).generate(["Hello", "The cat sat"], max_new_tokens=8)
     assert [d["prompt"] for d in lines] == ["Hello", "The cat sat"]
     assert [d["text"] for d in lines] == want
     assert all(len(d["token_ids"]) == 8 for d in lines)
-    proc = jaxlm_cmd("generate", src, "--prompt", "Hello", "--max-new-tokens", 8)
+    proc = cli("generate", src, "--prompt", "Hello", "--max-new-tokens", 8)
     assert proc.returncode == 0 and proc.stdout == "Hello" + want[0] + "\n"
 
 

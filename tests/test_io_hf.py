@@ -2,8 +2,6 @@
 
 import json
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -200,20 +198,19 @@ def test_sharded_safetensors_and_pytorch_bin(hf_dir, tmp_path):
             np.testing.assert_array_equal(a, b)
 
 
-def test_index_naming_a_missing_shard_is_named(hf_dir, tmp_path):
+def test_index_naming_a_missing_shard_is_named(hf_dir, tmp_path, cli):
     sharded = tmp_path / "sharded"
     transformers.GPT2LMHeadModel.from_pretrained(hf_dir("GPT2LMHeadModel")).save_pretrained(sharded, max_shard_size="1MB")
     shards = sorted(sharded.glob("model-*.safetensors"))
     shards[1].unlink()
-    proc = subprocess.run([sys.executable, "-m", "jaxlm.cli", "convert", str(sharded), str(tmp_path / "out")],
-                          capture_output=True, text=True)
+    proc = cli("convert", sharded, tmp_path / "out")
     lines = [x for x in proc.stderr.splitlines() if x.strip()]
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert f"model.safetensors.index.json names {shards[1].name}, which is not in" in lines[0]
     assert not (tmp_path / "out").exists()
 
 
-def test_tensor_missing_from_the_shards_is_named(hf_dir, tmp_path):
+def test_tensor_missing_from_the_shards_is_named(hf_dir, tmp_path, cli):
     from safetensors.numpy import load_file, save_file
 
     sharded = tmp_path / "sharded"
@@ -223,8 +220,7 @@ def test_tensor_missing_from_the_shards_is_named(hf_dir, tmp_path):
     shard = sharded / index["weight_map"].pop(gone)
     save_file({k: v for k, v in load_file(str(shard)).items() if k != gone}, str(shard), metadata={"format": "pt"})
     (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
-    proc = subprocess.run([sys.executable, "-m", "jaxlm.cli", "convert", str(sharded), str(tmp_path / "out")],
-                          capture_output=True, text=True)
+    proc = cli("convert", sharded, tmp_path / "out")
     lines = [x for x in proc.stderr.splitlines() if x.strip()]
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert lines[0].endswith("checkpoint lacks layers.1.mlp.up_proj.weight") and not (tmp_path / "out").exists()

@@ -45,11 +45,6 @@ def args(corpus, workdir, *extra):
             f"train.workdir={workdir}", *extra]
 
 
-def run_cli(argv, env=None):
-    return subprocess.run([sys.executable, "-m", "jaxlm.cli", "train", *argv], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})})
-
-
 # `jaxlm train` with one more hook: SIGKILL right after the checkpoint of step N is on disk.
 KILL_AFTER_SAVE = """
 import os, signal, sys
@@ -91,9 +86,9 @@ def test_exact_resume_after_sigkill(corpus, uninterrupted, tmp_path):
                             capture_output=True, text=True)
     assert killed.returncode == -signal.SIGKILL
     assert sorted(losses(tmp_path / "cut")) == [1, 2, 3, 4]
-    resumed = run_cli(args(corpus, tmp_path / "cut", *common))
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resumed from" in resumed.stderr
+    said = []  # resumed in this process: a fresh one costs seconds of imports
+    train(load_config(DEFAULT_CONFIG, args(corpus, tmp_path / "cut", *common)), log=said.append)
+    assert any(m.startswith("resumed from") for m in said), said
     a, b = losses(uninterrupted), losses(tmp_path / "cut")
     assert sorted(b) == list(range(1, 9))
     assert [a[s] for s in range(5, 9)] == [b[s] for s in range(5, 9)]  # bitwise identical
@@ -399,18 +394,20 @@ def chat_data(tmp_path, n=64):
     return [f"data.path={tmp_path / 'chat.jsonl'}", f"data.chat_template={tmp_path / 'chat.jinja'}"]
 
 
-def test_sft_lora_on_a_mesh_resumes_exactly(tmp_path, tiny_byte_model):
+def test_sft_lora_on_a_mesh_resumes_exactly(tmp_path, tiny_byte_model, cli):
     common = ["train.objective=sft", f"adapt.init={tiny_byte_model}", "adapt.method=lora", "adapt.lora_targets=q,v,up",
               *chat_data(tmp_path), "data.seq_len=48", "data.batch_size=8", "mesh.data=2", "mesh.fsdp=2",
               "mesh.tensor=2", "train.steps=6", "train.save_every=3", "train.eval_every=3", "train.log_every=1",
               "optim.lr=1e-2", "optim.warmup_steps=0"]
-    full = run_cli([*common, f"train.workdir={tmp_path / 'full'}"])
+    # The runs that are not killed run in this process (on its 8 simulated devices): a fresh one
+    # costs seconds of imports.
+    full = cli("train", *common, f"train.workdir={tmp_path / 'full'}")
     assert full.returncode == 0, full.stderr
     assert "skipped 1 longer than data.seq_len" in full.stderr  # skipped and counted, never truncated
     killed = subprocess.run([sys.executable, "-c", KILL_AFTER_SAVE, "3", *common, f"train.workdir={tmp_path / 'cut'}"],
                             capture_output=True, text=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
-    resumed = run_cli([*common, f"train.workdir={tmp_path / 'cut'}"])
+    resumed = cli("train", *common, f"train.workdir={tmp_path / 'cut'}")
     assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr
     a, b = losses(tmp_path / "full"), losses(tmp_path / "cut")
     assert [a[s] for s in range(4, 7)] == [b[s] for s in range(4, 7)]  # bitwise identical
@@ -422,7 +419,7 @@ def test_sft_lora_on_a_mesh_resumes_exactly(tmp_path, tiny_byte_model):
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
-def test_dpo_starts_at_log2_and_prefers_chosen(tmp_path, tiny_byte_model, method):
+def test_dpo_starts_at_log2_and_prefers_chosen(tmp_path, tiny_byte_model, method, cli):
     """Step 1: the policy is its reference (a copy, or the base with adapters off): every pair's loss
     is log 2 and the margin 0. Training on pairs where the right sum is chosen raises the margin."""
     rng = np.random.default_rng(1)
@@ -432,10 +429,10 @@ def test_dpo_starts_at_log2_and_prefers_chosen(tmp_path, tiny_byte_model, method
         pairs.append({"prompt": f"{a}+{b}=", "chosen": f"{a + b}", "rejected": f"{a + b + rng.integers(1, 9)}"})
     (tmp_path / "dpo.jsonl").write_text("".join(json.dumps(x) + "\n" for x in pairs))
     w = tmp_path / "w"
-    proc = run_cli(["train.objective=dpo", f"adapt.init={tiny_byte_model}", f"adapt.method={method}",
-                    f"data.path={tmp_path / 'dpo.jsonl'}", "data.seq_len=16", "data.batch_size=8", "train.steps=20",
-                    "train.eval_every=20", "train.log_every=1", "optim.lr=3e-3", "optim.warmup_steps=0",
-                    "dpo.beta=0.5", f"train.workdir={w}"])
+    proc = cli("train", "train.objective=dpo", f"adapt.init={tiny_byte_model}", f"adapt.method={method}",
+               f"data.path={tmp_path / 'dpo.jsonl'}", "data.seq_len=16", "data.batch_size=8", "train.steps=20",
+               "train.eval_every=20", "train.log_every=1", "optim.lr=3e-3", "optim.warmup_steps=0",
+               "dpo.beta=0.5", f"train.workdir={w}")
     assert proc.returncode == 0, proc.stderr
     lines = [json.loads(x) for x in open(w / "metrics.jsonl")]
     first = next(x for x in lines if x["step"] == 1 and "loss" in x)
@@ -446,7 +443,7 @@ def test_dpo_starts_at_log2_and_prefers_chosen(tmp_path, tiny_byte_model, method
     assert {"val_reward_margin", "val_chosen_loss"} <= set(val[-1])
 
 
-def test_one_writer_per_workdir_and_a_dead_runs_lock_is_taken_over(corpus, tmp_path):
+def test_one_writer_per_workdir_and_a_dead_runs_lock_is_taken_over(corpus, tmp_path, cli):
     import socket
 
     common = ["train.save_every=100000", "train.eval_every=0"]
@@ -459,7 +456,7 @@ def test_one_writer_per_workdir_and_a_dead_runs_lock_is_taken_over(corpus, tmp_p
                 (tmp_path / "w" / "metrics.jsonl").is_file()
                 and len((tmp_path / "w" / "metrics.jsonl").read_text().splitlines()) >= 2):
             time.sleep(0.2)
-        second = run_cli(args(corpus, tmp_path / "w", "train.steps=5", *common))
+        second = cli("train", *args(corpus, tmp_path / "w", "train.steps=5", *common))  # in this process
         assert second.returncode == 2, second.stderr
         assert second.stderr.strip().splitlines()[-1] == (
             f"jaxlm train: error: {tmp_path / 'w'} is in use by a running jaxlm train (host {socket.gethostname()} "
@@ -468,7 +465,7 @@ def test_one_writer_per_workdir_and_a_dead_runs_lock_is_taken_over(corpus, tmp_p
     finally:
         proc.kill()  # SIGKILL: no chance to release; the kernel drops the lock
         proc.wait()
-    third = run_cli(args(corpus, tmp_path / "w", "train.steps=3", *common))
+    third = cli("train", *args(corpus, tmp_path / "w", "train.steps=3", *common))
     assert third.returncode == 0, third.stderr
     assert f"took over the workdir lock left by host {socket.gethostname()} pid {proc.pid}" in third.stderr
     assert sorted(losses(tmp_path / "w")) == [1, 2, 3]

@@ -194,7 +194,7 @@ class LM:
             raise ValueError(f"the draft's vocabulary has {d.vocab_size} tokens, the target's {self.config.vocab_size}: "
                              "they must share one tokenizer")
         if length > d.context:
-            raise ValueError(f"prompt + max_new_tokens = {length} tokens exceeds the draft's context of "
+            raise ValueError(f"{length} tokens (prompt and new ones) exceed the draft's context of "
                              f"{d.context} tokens")
         params = draft.params
         if self.mesh is not None:  # the draft is small: a full copy on every device of the target's mesh

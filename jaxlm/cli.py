@@ -23,6 +23,14 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def _check_speculation(args) -> None:
+    """--draft / --speculate-k errors that need no model."""
+    if args.speculate_k is not None and args.draft is None:
+        raise ValueError("--speculate-k needs --draft (a model path or prompt_lookup)")
+    if args.speculate_k is not None and args.speculate_k < 1:
+        raise ValueError(f"--speculate-k {args.speculate_k} must be >= 1")
+
+
 def cmd_generate(args) -> int:
     import json
 
@@ -33,10 +41,7 @@ def cmd_generate(args) -> int:
     mesh = _mesh_overrides("generate", args.overrides)
     # Bad settings fail at once, not after loading the model.
     check_request(args.max_new_tokens, args.num_return_sequences, Sampling(args.temperature, args.top_k, args.top_p))
-    if args.speculate_k is not None and args.draft is None:
-        raise ValueError("--speculate-k needs --draft (a model path or prompt_lookup)")
-    if args.speculate_k is not None and args.speculate_k < 1:
-        raise ValueError(f"--speculate-k {args.speculate_k} must be >= 1")
+    _check_speculation(args)
     lm = jaxlm.load(args.model, mesh=mesh)
     if lm.tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer files; use the Python API with token ids")
@@ -114,13 +119,16 @@ def cmd_serve(args) -> int:
         if getattr(args, name) < (1 if name != "max_queue" else 0):
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= "
                              f"{1 if name != 'max_queue' else 0}")
+    _check_speculation(args)
     t0 = time.perf_counter()
     lm = jaxlm.load(args.model, mesh=mesh)
-    engine = Engine(lm, max_batch=args.max_batch, max_len=args.max_len, max_queue=args.max_queue)
+    engine = Engine(lm, max_batch=args.max_batch, max_len=args.max_len, max_queue=args.max_queue,
+                    draft=args.draft, speculate_k=args.speculate_k)
     engine.warmup()
     name = args.served_model_name or Path(str(args.model).rstrip("/")).name
     app = create_app(engine, model_name=name, chat_template=template, drain_timeout=args.drain_timeout)
-    _log(f"serving {name} ({lm.config.name}, {args.max_batch} slots of {engine.max_len} tokens) on "
+    speculation = f", draft {args.draft} proposing {engine.speculate_k}" if args.draft else ""
+    _log(f"serving {name} ({lm.config.name}, {args.max_batch} slots of {engine.max_len} tokens{speculation}) on "
          f"http://{args.host}:{args.port} (ready in {time.perf_counter() - t0:.1f}s)")
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                             timeout_graceful_shutdown=args.drain_timeout)
@@ -340,6 +348,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--served-model-name", help="the model id clients use (default: MODEL's last path part)")
     sv.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish requests in flight "
                     "after SIGTERM (default 30)")
+    sv.add_argument("--draft", metavar="PATH", help="speculative decoding: a small model with the same tokenizer "
+                    "(any model path jaxlm loads), or prompt_lookup; each slot advances up to K + 1 tokens per "
+                    "step, following MODEL's distribution exactly")
+    sv.add_argument("--speculate-k", type=int, metavar="K", help="tokens the draft proposes per step (default 4)")
     sv.set_defaults(func=cmd_serve)
 
     t = sub.add_parser("train", help="train or fine-tune (resumes from the workdir's latest checkpoint)",

@@ -68,8 +68,8 @@ def _take(x, idx):
 
 
 def _fold(keys, i):
-    """Each row's key [B] folded with i."""
-    return jax.vmap(jax.random.fold_in, (0, None))(keys, i)
+    """Each row's key [B] folded with i (one for all rows, or one per row [B])."""
+    return jax.vmap(jax.random.fold_in)(keys, jnp.broadcast_to(i, keys.shape))
 
 
 def _uniform(keys):
@@ -83,6 +83,49 @@ def _filtered_probs(logits, rows):
     n = int(np.prod(shape[1:-1]))
     rep = [jnp.repeat(r, n) for r in rows]
     return jax.nn.softmax(filter_logits(logits.reshape(-1, shape[-1]), *rep), axis=-1).reshape(shape)
+
+
+def round_keys(row_keys, i):
+    """Round i's keys [B] (for the draft's proposals, the acceptance tests, the final draw): the
+    schedule ``generate(draft=...)`` and the server share, so they draw the same tokens."""
+    keys = _fold(row_keys, i)
+    return tuple(_fold(keys, s) for s in range(3))
+
+
+def proposal_uniform(draft_keys, j):
+    """The uniform [B] the draft's j-th proposal of a round is drawn with."""
+    return _uniform(_fold(draft_keys, j))
+
+
+def round_uniforms(keys, k: int):
+    """The K uniforms [B, K] a round's acceptance tests use, from each row's key [B]."""
+    return jax.vmap(lambda key: jax.random.uniform(key, (k,)))(keys)
+
+
+def accept(probs, d, q, u, u_final):
+    """One round's rejection rule, per row: (accepted proposals a [B], the token after them x [B]).
+
+    probs [B, K + 1, V]: the target's distributions p_0..p_K after the pending token and each
+    proposal; d [B, K]: the proposals; q [B, K, V]: the distributions they were drawn from (None:
+    one-hot, as prompt lookup's); u [B, K], u_final [B]: uniforms. d_i is accepted with probability
+    min(1, p_{i-1}(d_i) / q_i(d_i)) while all before it were; x is drawn from normalise(max(0,
+    p_a - q_{a+1})), or from p_K when all K pass. A one-hot p (a greedy row) makes this greedy
+    verification: d_i passes iff it is the target's argmax, and x is the argmax."""
+    k = d.shape[1]
+    p_d = jnp.take_along_axis(probs[:, :k], d[..., None], axis=-1)[..., 0]
+    if q is None:  # one-hot proposals (q(d) = 1)
+        a = jnp.sum(jnp.cumprod(u < p_d, axis=1), axis=1)
+        q_a = jnp.where((a < k)[:, None], jax.nn.one_hot(_take(d, jnp.minimum(a, k - 1)[:, None])[:, 0],
+                                                         probs.shape[-1], dtype=probs.dtype), 0.0)
+    else:
+        q_d = jnp.take_along_axis(q, d[..., None], axis=-1)[..., 0]
+        a = jnp.sum(jnp.cumprod(u * q_d < p_d, axis=1), axis=1)
+        q_a = jnp.take_along_axis(jnp.concatenate([q, jnp.zeros_like(q[:, :1])], 1), a[:, None, None],
+                                  axis=1)[:, 0]  # zeros past K: the bonus draws from p_K
+    p_a = jnp.take_along_axis(probs, a[:, None, None], axis=1)[:, 0]
+    residual = jnp.maximum(p_a - q_a, 0.0)
+    residual = jnp.where(jnp.sum(residual, -1, keepdims=True) > 0, residual, p_a)
+    return a, inverse_cdf(residual, u_final)
 
 
 def prompt_lookup(hist, start, end, k: int, ngram: int = LOOKUP_NGRAM):
@@ -168,7 +211,7 @@ def _speculate(t_graph, t_params, d_graph, d_params, prompt, prompt_mask, row_ke
             if sampling.greedy:
                 return jnp.argmax(logits, axis=-1).astype(jnp.int32), None
             q = _filtered_probs(logits, rows)
-            return inverse_cdf(q, _uniform(_fold(keys, j))), q
+            return inverse_cdf(q, proposal_uniform(keys, j)), q
 
         def step(carry, j):
             logits, d_cache = carry
@@ -185,8 +228,7 @@ def _speculate(t_graph, t_params, d_graph, d_params, prompt, prompt_mask, row_ke
 
     def body(state):
         i, hist, n, done, t_cache, d_cache, stats = state
-        keys = _fold(row_keys, i)
-        k_draft, k_accept, k_final = (_fold(keys, s) for s in range(3))
+        k_draft, k_accept, k_final = round_keys(row_keys, i)
         d, q, d_cache = propose(i, hist, n, d_cache, k_draft)
         pend = p + n - 1
         ids, pos, slot = model_inputs(target, hist, pend[:, None] + arange)
@@ -200,22 +242,7 @@ def _speculate(t_graph, t_params, d_graph, d_params, prompt, prompt_mask, row_ke
             a = jnp.sum(jnp.cumprod(ok, axis=1), axis=1)
             x = _take(best, a[:, None])[:, 0]
         else:
-            probs = _filtered_probs(logits, rows)  # p_0..p_K
-            p_d = jnp.take_along_axis(probs[:, :k], d[..., None], axis=-1)[..., 0]
-            u = jax.vmap(lambda key: jax.random.uniform(key, (k,)))(k_accept)
-            if q is None:  # prompt lookup: one-hot proposals (q(d) = 1)
-                a = jnp.sum(jnp.cumprod(u < p_d, axis=1), axis=1)
-                q_a = jnp.where((a < k)[:, None], jax.nn.one_hot(_take(d, jnp.minimum(a, k - 1)[:, None])[:, 0],
-                                                                 probs.shape[-1], dtype=probs.dtype), 0.0)
-            else:
-                q_d = jnp.take_along_axis(q, d[..., None], axis=-1)[..., 0]
-                a = jnp.sum(jnp.cumprod(u * q_d < p_d, axis=1), axis=1)
-                q_a = jnp.take_along_axis(jnp.concatenate([q, jnp.zeros_like(q[:, :1])], 1), a[:, None, None],
-                                          axis=1)[:, 0]  # zeros past K: the bonus draws from p_K
-            p_a = jnp.take_along_axis(probs, a[:, None, None], axis=1)[:, 0]
-            residual = jnp.maximum(p_a - q_a, 0.0)
-            residual = jnp.where(jnp.sum(residual, -1, keepdims=True) > 0, residual, p_a)
-            x = inverse_cdf(residual, _uniform(k_final))
+            a, x = accept(_filtered_probs(logits, rows), d, q, round_uniforms(k_accept, k), _uniform(k_final))
 
         cand = jnp.where(arange == a[:, None], x[:, None], jnp.concatenate([d, d[:, :1]], axis=1))
         m = jnp.minimum(a + 1, max_new - n)

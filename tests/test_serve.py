@@ -12,6 +12,7 @@ import sys
 import time
 
 import httpx
+import jax
 import numpy as np
 import pytest
 
@@ -55,9 +56,9 @@ def settings(i):
                 top_k=[0, 40, 5][i % 3], top_p=[1.0, 0.9, 1.0][i % 3])
 
 
-def alone(lm, prompt, s, n=1, stop=None):
+def alone(lm, prompt, s, n=1, stop=None, **kw):
     return lm.generate([prompt], max_new_tokens=s["max_tokens"], temperature=s["temperature"], top_k=s["top_k"],
-                       top_p=s["top_p"], seed=s["seed"], num_return_sequences=n, stop=stop)
+                       top_p=s["top_p"], seed=s["seed"], num_return_sequences=n, stop=stop, **kw)
 
 
 def test_batching_changes_nothing(lm):
@@ -83,6 +84,46 @@ def test_batching_changes_nothing(lm):
     finally:
         engine.stop()
     assert engine.slots_in_use == 0 and engine.error is None
+
+
+def test_speculative_serving_gives_lm_generates_tokens(lm, model_dir):
+    """A draft proposing 3 tokens per step (the model in bfloat16: close to it, so proposals are
+    both accepted and rejected), 6 greedy and top-k + top-p requests in 4 slots: each equals lm.generate
+    with the same draft and seed (one key schedule), greedy ones plain greedy decoding; the
+    log-probabilities are the model's own; the Prometheus counters count the proposals."""
+    from jaxlm.serve.metrics import Metrics
+
+    draft = jaxlm.load(model_dir, dtype="bfloat16")
+    engine = Engine(lm, max_batch=4, max_len=128, draft=draft, speculate_k=3)
+    metrics = engine.metrics = Metrics(engine)
+    engine.start()
+    try:
+        # Two settings kinds (each compiles a speculative lm.generate program).
+        short = [(i, p[:8]) for i, p in enumerate(PROMPTS) if i % 3 < 2]
+        requests = [(p, settings(i), engine.submit(ids(lm, p), logprobs=2, **settings(i))) for i, p in short]
+        seqs = []
+        for p, s, r in requests:
+            (choice,) = r.result(timeout=120)
+            assert choice.text == alone(lm, p, s, draft=draft, speculate_k=3)[0], (p, s)
+            assert len(choice.token_ids) == s["max_tokens"] and choice.finish_reason == "length"
+            if s["temperature"] == 0:
+                assert choice.text == alone(lm, p, s)[0]
+            seqs.append((ids(lm, p), choice))
+    finally:
+        engine.stop()
+    # Each token's log-probability under the model (one right-padded lm.logits call for all).
+    width = max(len(a) + len(c.token_ids) for a, c in seqs)
+    batch, mask = np.zeros((len(seqs), width), np.int32), np.zeros((len(seqs), width), np.int32)
+    for i, (a, c) in enumerate(seqs):
+        batch[i, :len(a) + len(c.token_ids)], mask[i, :len(a) + len(c.token_ids)] = a + c.token_ids, 1
+    lp = np.asarray(jax.nn.log_softmax(lm.logits(batch, mask), axis=-1))
+    for i, (a, c) in enumerate(seqs):
+        at = len(a) - 1 + np.arange(len(c.token_ids))
+        np.testing.assert_allclose(c.logprobs, lp[i, at, c.token_ids], atol=1e-4)
+    assert 0.5 < engine.acceptance < 1, engine.acceptance  # accepted and rejected proposals both
+    values = {line.split()[0]: float(line.split()[1]) for line in metrics.render().decode().splitlines()
+              if line.startswith("jaxlm_draft") and "_total" in line}
+    assert values == {"jaxlm_draft_tokens_total": engine.proposed, "jaxlm_draft_accepted_tokens_total": engine.accepted}
 
 
 def test_sliding_window_and_grouped_kv_heads(hf_dir):
@@ -332,8 +373,9 @@ def test_chat_without_template_and_full_queue_over_http(hf_dir):
 
 
 def test_sigterm_finishes_requests_in_flight(model_dir, lm):
-    # The module server's engine shape: its programs come from the compilation cache.
-    with serve(model_dir, "--max-batch", "4") as (proc, url):
+    """A server speculating with prompt lookup (its greedy text is plain greedy decoding's) drains
+    on SIGTERM."""
+    with serve(model_dir, "--max-batch", "4", "--draft", "prompt_lookup", "--speculate-k", "4") as (proc, url):
         body = {"model": "gpt2-chat", "prompt": PROMPTS[0], "max_tokens": 100, "temperature": 0, "stream": True}
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
             lines = r.iter_lines()

@@ -157,6 +157,7 @@ def test_bad_speculation_settings_are_one_line(lm, hf_dir, cli):
     for args, msg in ((["--speculate-k", "2"], "--speculate-k needs --draft (a model path or prompt_lookup)"),
                       (["--draft", "prompt_lookup", "--speculate-k", "0"], "--speculate-k 0 must be >= 1"),
                       (["--draft", other_vocab], "the draft's vocabulary has 4096 tokens")):
-        proc = cli("generate", model, "--prompt", "Hi", *args)
-        assert proc.returncode == 2 and msg in proc.stderr.strip().splitlines()[-1], proc.stderr
-        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        for command in (["generate", model, "--prompt", "Hi"], ["serve", model, "--max-len", "64"]):
+            proc = cli(*command, *args)
+            assert proc.returncode == 2 and msg in proc.stderr.strip().splitlines()[-1], proc.stderr
+            assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr

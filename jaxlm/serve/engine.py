@@ -12,6 +12,10 @@ Choice j of a request with seed s samples token i with ``fold_in(fold_in(key(s),
 ``LM.generate`` gives row j of one prompt, so a request's tokens do not depend on what else runs
 beside it and equal ``lm.generate([prompt], ..., seed=s, num_return_sequences=n)``.
 
+With ``draft`` (a draft model or ``"prompt_lookup"``) and ``speculate_k`` K, each step is a
+speculative round (``serve.speculation``): a slot advances by 1 to K + 1 tokens, its tokens follow
+the model's own distribution exactly and equal ``lm.generate(..., draft=draft, speculate_k=K)``'s.
+
 Use it without HTTP::
 
     engine = Engine(lm, max_batch=8).start()
@@ -37,6 +41,7 @@ from flax import nnx
 
 from jaxlm import kernels
 from jaxlm.generate import MAX_TOP_LOGPROBS, Sampling, bucket, init_cache, sample, token_logprobs
+from jaxlm.serve.speculation import speculative_step
 
 
 class QueueFull(RuntimeError):
@@ -137,8 +142,10 @@ def _put_rows(full, rows, slot):
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
-def _insert(state, rows, logits, slot, length, temperature, top_k, top_p, key, want):
-    """Start choice rows in ``slot``: copy the prompt's cache, sample its first token (index 0)."""
+def _insert(state, rows, logits, slot, length, temperature, top_k, top_p, key, want, hist=None, d_rows=None):
+    """Start choice rows in ``slot``: copy the prompt's cache, sample its first token (index 0).
+    Speculative engines also pass the slot's token history (the prompt at its slots) and the
+    draft model's cache rows."""
     t, k, p = temperature[None], top_k[None], top_p[None]
     tok = sample(logits, jax.random.fold_in(key, 0)[None], t, k, p)
     lp = token_logprobs(logits, tok, want[None])
@@ -147,6 +154,10 @@ def _insert(state, rows, logits, slot, length, temperature, top_k, top_p, key, w
                  token=at(state["token"], tok[0]), step=at(state["step"], 1),
                  temperature=at(state["temperature"], temperature), top_k=at(state["top_k"], top_k),
                  top_p=at(state["top_p"], top_p), key=at(state["key"], key), want=at(state["want"], want))
+    if hist is not None:
+        state["hist"] = at(state["hist"], hist.at[length].set(tok[0]))
+    if d_rows is not None:
+        state["d_cache"] = _put_rows(state["d_cache"], d_rows, slot)
     return state, (tok, *lp)
 
 
@@ -175,11 +186,14 @@ class Engine:
     ``prefill_tokens`` bounds the prompt tokens prefilled between two decode steps (at least one
     request), trading time-to-first-token against the other rows' inter-token latency.
     ``metrics``: an object with ``first_token(seconds)`` and ``token_gap(seconds)`` methods (each
-    called once per generated token), or None.
+    called once per generated token) and ``speculated(proposed, accepted)`` (once per speculative
+    step), or None. ``draft``: speculative decoding with a draft model (an ``LM`` or a model path
+    with the same tokenizer) or ``"prompt_lookup"``, proposing ``speculate_k`` tokens per step
+    (default 4).
     """
 
     def __init__(self, lm, *, max_batch: int = 8, max_len: int | None = None, max_queue: int = 256,
-                 prefill_tokens: int = 2048, metrics=None):
+                 prefill_tokens: int = 2048, metrics=None, draft=None, speculate_k: int | None = None):
         cfg = lm.config
         if not cfg.causal or cfg.head != "lm":
             raise ValueError(f"serving needs a decoder with a language-model head; {cfg.name!r} is an "
@@ -197,7 +211,9 @@ class Engine:
         self.eos_id = cfg.eos_token_id if cfg.eos_token_id is not None else (tok.eos_id if tok is not None else None)
         self.pad_id = next(i for i in (cfg.pad_token_id, self.eos_id, 0) if i is not None and 0 <= i < cfg.vocab_size)
         self.metrics = metrics
-        self._use_kernels = kernels.on_one_cpu(lm.params)  # jaxlm.kernels' CPU decode kernels
+        self._draft, self.speculate_k = lm._proposer(draft, speculate_k, self.max_len)  # ((graphdef, params), K)
+        self.proposed = self.accepted = 0  # draft tokens, over all speculative steps
+        self._use_kernels = kernels.on_one_cpu((lm.params, self._draft and self._draft[1]))
         self._pending: collections.deque[Request] = collections.deque()
         self._slots: list[Choice | None] = [None] * max_batch
         self._cv = threading.Condition()
@@ -292,28 +308,41 @@ class Engine:
                 self._cv.notify()
             self._thread.join()
 
+    @property
+    def acceptance(self) -> float | None:
+        """The share of draft tokens accepted so far (None: not speculative, or nothing proposed)."""
+        return self.accepted / self.proposed if self.proposed else None
+
     def warmup(self) -> None:
         """Compile every program requests will need (each prompt bucket's prefill and insert, the
         decode step) so the first requests do not wait for the compiler."""
         with self.lm._on_mesh():
             for p in self._buckets():
-                self._prefill_into(np.zeros(p, np.int32), 0, Sampling(), jax.random.key(0), False)
-            self._state, _ = _step(self.lm.graphdef, self.lm.params, self._state, jnp.zeros(self.max_batch, bool),
-                                   use_kernels=self._use_kernels)
+                self._start_rows(np.zeros(p, np.int32), 0, 0, Sampling(), jax.random.key(0), False)
+            self._advance(np.zeros(self.max_batch, bool))
 
     def compiled_programs(self) -> int:
         """Programs compiled so far by the engine's jitted functions (prefill, insert, step)."""
-        return _prefill._cache_size() + _insert._cache_size() + _step._cache_size()
+        return (_prefill._cache_size() + _insert._cache_size() + _step._cache_size()
+                + speculative_step._cache_size())
 
     # -- the loop -------------------------------------------------------------------------------
 
     def _init_state(self):
         b, cfg = self.max_batch, self.lm.config
-        return {"cache": init_cache(cfg, b, self.max_len), "length": jnp.zeros(b, jnp.int32),
-                "token": jnp.full(b, self.pad_id, jnp.int32), "step": jnp.zeros(b, jnp.int32),
-                "temperature": jnp.zeros(b, jnp.float32), "top_k": jnp.zeros(b, jnp.int32),
-                "top_p": jnp.ones(b, jnp.float32), "key": jax.random.split(jax.random.key(0), b),
-                "want": jnp.zeros(b, bool)}
+        # Speculative rounds write up to K + 1 slots past the pending token: room for the overshoot.
+        s = self.max_len + (self.speculate_k + 2 if self.speculate_k else 0)
+        state = {"cache": init_cache(cfg, b, s), "length": jnp.zeros(b, jnp.int32),
+                 "token": jnp.full(b, self.pad_id, jnp.int32), "step": jnp.zeros(b, jnp.int32),
+                 "temperature": jnp.zeros(b, jnp.float32), "top_k": jnp.zeros(b, jnp.int32),
+                 "top_p": jnp.ones(b, jnp.float32), "key": jax.random.split(jax.random.key(0), b),
+                 "want": jnp.zeros(b, bool)}
+        if self.speculate_k:
+            state["hist"] = jnp.full((b, s), self.pad_id, jnp.int32)  # each slot's tokens, at their cache slots
+        if self._draft is not None:
+            d_cfg = nnx.merge(*self._draft).config
+            state["d_cache"] = init_cache(d_cfg, b, s - cfg.prompt_length + d_cfg.prompt_length)
+        return state
 
     def _bucket(self, n: int) -> int:
         """The padded prefill length of an n-token prompt (a power of two, within the cache)."""
@@ -375,38 +404,62 @@ class Engine:
         ids = np.full(p, self.pad_id, np.int32)
         ids[:len(request.ids)] = request.ids
         root = jax.random.key(request.seed)
-        rows = logits = None
+        prefilled = None
         for choice, slot in zip(request.choices, free):
             key = jax.random.fold_in(root, choice.index)
-            if rows is None:
-                rows, logits = _prefill(self.lm.graphdef, self.lm.params, jnp.asarray(ids)[None], len(request.ids),
-                                        use_kernels=self._use_kernels)
-            out = self._insert(rows, logits, slot, len(request.ids), request.sampling, key, request.logprobs is not None)
+            prefilled, out = self._start_rows(ids, len(request.ids), slot, request.sampling, key,
+                                              request.logprobs is not None, prefilled)
             choice.slot = slot
             self._slots[slot] = choice
             self._emit(choice, *out)
 
-    def _prefill_into(self, ids, n_prompt, sampling, key, want):
-        rows, logits = _prefill(self.lm.graphdef, self.lm.params, jnp.asarray(ids)[None], max(n_prompt, 1),
-                                use_kernels=self._use_kernels)
-        return self._insert(rows, logits, 0, n_prompt, sampling, key, want)
-
-    def _insert(self, rows, logits, slot, n_prompt, sampling, key, want):
-        cfg = self.lm.config
-        self._state, out = _insert(self._state, rows, logits, jnp.int32(slot), jnp.int32(cfg.prompt_length + n_prompt),
+    def _start_rows(self, ids, n_prompt, slot, sampling, key, want, prefilled=None):
+        """Prefill ids (right-padded, n_prompt real tokens; unless ``prefilled`` holds this prompt's
+        cache rows already) into ``slot`` and sample its first token: (prefilled, (token, logprob,
+        top ids, top logprobs))."""
+        cfg, n = self.lm.config, max(n_prompt, 1)
+        if prefilled is None:
+            prompt = jnp.asarray(ids)[None]
+            prefilled = _prefill(self.lm.graphdef, self.lm.params, prompt, n, use_kernels=self._use_kernels)
+            if self._draft is not None:
+                prefilled += _prefill(*self._draft, prompt, n, use_kernels=self._use_kernels)[:1]
+        hist = None
+        if self.speculate_k:
+            hist = np.full(self._state["hist"].shape[1], self.pad_id, np.int32)
+            hist[cfg.prompt_length:cfg.prompt_length + n_prompt] = ids[:n_prompt]
+            hist = jnp.asarray(hist)
+        self._state, out = _insert(self._state, *prefilled[:2], jnp.int32(slot), jnp.int32(cfg.prompt_length + n_prompt),
                                    jnp.float32(sampling.temperature), jnp.int32(sampling.top_k),
-                                   jnp.float32(sampling.top_p), key, jnp.asarray(want))
+                                   jnp.float32(sampling.top_p), key, jnp.asarray(want), hist,
+                                   prefilled[2] if len(prefilled) > 2 else None)
         tok, lp, top_ids, top_lp = (np.asarray(x) for x in out)
-        return int(tok[0]), float(lp[0]), top_ids[0], top_lp[0]
+        return prefilled, (int(tok[0]), float(lp[0]), top_ids[0], top_lp[0])
+
+    def _advance(self, active):
+        """One decode step for every slot: (tokens [B, T], counts [B], logprobs [B, T], top ids,
+        top logprobs [B, T, MAX_TOP_LOGPROBS]); slot b's new tokens are tokens[b, :counts[b]]."""
+        if not self.speculate_k:
+            self._state, out = _step(self.lm.graphdef, self.lm.params, self._state, jnp.asarray(active),
+                                     use_kernels=self._use_kernels)
+            tok, lp, top_ids, top_lp = (np.asarray(x) for x in out)
+            return tok[:, None], active.astype(np.int32), lp[:, None], top_ids[:, None], top_lp[:, None]
+        d_graph, d_params = self._draft if self._draft is not None else (None, None)
+        self._state, out = speculative_step(self.lm.graphdef, self.lm.params, d_graph, d_params, self._state,
+                                            jnp.asarray(active), k=self.speculate_k, use_kernels=self._use_kernels)
+        tok, count, accepted, lp, top_ids, top_lp = (np.asarray(x) for x in out)
+        proposed, accepted = int(active.sum()) * self.speculate_k, int(accepted.sum())
+        self.proposed, self.accepted = self.proposed + proposed, self.accepted + accepted
+        if proposed and self.metrics is not None:
+            self.metrics.speculated(proposed, accepted)
+        return tok, count, lp, top_ids, top_lp
 
     def _decode(self) -> None:
-        active = np.array([c is not None for c in self._slots])
-        self._state, out = _step(self.lm.graphdef, self.lm.params, self._state, jnp.asarray(active),
-                                 use_kernels=self._use_kernels)
-        tok, lp, top_ids, top_lp = (np.asarray(x) for x in out)
+        tok, count, lp, top_ids, top_lp = self._advance(np.array([c is not None for c in self._slots]))
         for slot, choice in enumerate(self._slots):
-            if choice is not None:
-                self._emit(choice, int(tok[slot]), float(lp[slot]), top_ids[slot], top_lp[slot])
+            for j in range(count[slot] if choice is not None else 0):
+                self._emit(choice, int(tok[slot, j]), float(lp[slot, j]), top_ids[slot, j], top_lp[slot, j])
+                if choice.finish_reason is not None:  # EOS, a stop string or max_tokens: drop the rest
+                    break
 
     # -- per-token bookkeeping --------------------------------------------------------------------
 

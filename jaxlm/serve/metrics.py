@@ -23,6 +23,9 @@ class Metrics:
                               buckets=_LATENCY, registry=r)
         self.itl = Histogram("jaxlm_inter_token_latency_seconds", "Between two tokens of one choice",
                              buckets=_LATENCY, registry=r)
+        self.draft_tokens = Counter("jaxlm_draft_tokens", "Tokens proposed by speculative decoding's draft",
+                                    registry=r)
+        self.draft_accepted = Counter("jaxlm_draft_accepted_tokens", "Draft tokens the model accepted", registry=r)
         if engine is not None:
             self.queue_depth.set_function(lambda: engine.queue_depth)
             self.slots_in_use.set_function(lambda: engine.slots_in_use)
@@ -35,6 +38,10 @@ class Metrics:
     def token_gap(self, seconds: float) -> None:
         self.itl.observe(seconds)
         self.generated_tokens.inc()
+
+    def speculated(self, proposed: int, accepted: int) -> None:
+        self.draft_tokens.inc(proposed)
+        self.draft_accepted.inc(accepted)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

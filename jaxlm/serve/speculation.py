@@ -1,0 +1,113 @@
+"""The engine's speculative decode step: every slot advances by 1 to K + 1 tokens per step.
+
+A draft model (its own KV cache, one row per slot) or prompt lookup proposes K tokens after each
+slot's pending token; the target checks all of them in one cached pass and ``speculative.accept``
+keeps what its own distribution allows. Rows mix greedy and sampled settings (per-row arrays, as in
+the plain step): a greedy row's distributions are one-hot, which makes the rule greedy
+verification. Keys follow ``speculative.round_keys`` with the slot's step count as the round, so a
+request gets the tokens ``lm.generate([prompt], draft=..., speculate_k=K, seed=s)`` gives.
+
+Slots are the engine's: a slot index is also the token's position (the soft prompt included), the
+pending token sits at slot ``length`` (its keys not yet in the caches), and the caches and history
+hold K + 2 slots past ``max_len`` for a round's overshoot, whose tokens are never committed.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxlm import kernels
+from jaxlm.generate import filter_logits, inverse_cdf, token_logprobs
+from jaxlm.speculative import accept, prompt_lookup, proposal_uniform, round_keys, round_uniforms
+
+
+def row_probs(logits, temperature, top_k, top_p):
+    """Each row's next-token distributions [B, T, V] from logits [B, T, V]: the temperature / top-k /
+    top-p filtered softmax where temperature > 0, one-hot at the argmax where it is 0 (greedy)."""
+    b, t, v = logits.shape
+    flat = logits.reshape(b * t, v)
+    temp, k, p = (jnp.repeat(x, t) for x in (temperature, top_k, top_p))
+    greedy = jax.nn.one_hot(jnp.argmax(flat, axis=-1), v, dtype=jnp.float32)
+
+    def mixed():
+        soft = jax.nn.softmax(filter_logits(flat, jnp.where(temp > 0, temp, 1.0), k, p), axis=-1)
+        return jnp.where((temp > 0)[:, None], soft, greedy)
+
+    return jax.lax.cond(jnp.all(temperature == 0), lambda: greedy, mixed).reshape(b, t, v)
+
+
+def _clamp(pos, model):
+    """Positions past the model's context occur only for overshoot tokens (never committed)."""
+    return jnp.minimum(pos, model.config.max_len - 1)
+
+
+def _draft_proposals(draft, d_cache, hist, length, shift, rows, keys, k: int):
+    """(proposals [B, K], the distributions they were drawn from [B, K, V], the draft's cache).
+    ``shift``: the draft's slot minus the target's (their soft prompts differ)."""
+    b, s = hist.shape[0], jax.tree.leaves(d_cache)[0].shape[-2]
+    valid = jnp.ones((b, s), bool)  # causal by slot: a query sees only slots written before it
+    take = lambda idx: jnp.take_along_axis(hist, idx, axis=1)  # noqa: E731
+    # The slot before the pending one too: a fully accepted round left it unwritten.
+    idx = length[:, None] - 1 + jnp.arange(2)
+    h, d_cache = draft.decode(take(idx), _clamp(idx + shift, draft), d_cache, length - 1 + shift, valid)
+    logits = draft.head(h[:, -1:])[:, 0]
+
+    def pick(logits, j):
+        q = row_probs(logits[:, None], *rows)[:, 0]
+        tok = jnp.where(rows[0] > 0, inverse_cdf(q, proposal_uniform(keys, j)),
+                        jnp.argmax(logits, axis=-1).astype(jnp.int32))
+        return tok, q
+
+    def step(carry, j):
+        logits, d_cache = carry
+        tok, q = pick(logits, j)
+        slot = length + 1 + j + shift
+        h, d_cache = draft.decode(tok[:, None], _clamp(slot, draft)[:, None], d_cache, slot, valid)
+        return (draft.head(h)[:, 0], d_cache), (tok, q)
+
+    (logits, d_cache), (toks, qs) = jax.lax.scan(step, (logits, d_cache), jnp.arange(k - 1))
+    last, q = pick(logits, k - 1)
+    return (jnp.concatenate([jnp.moveaxis(toks, 0, 1), last[:, None]], 1),
+            jnp.concatenate([jnp.moveaxis(qs, 0, 1), q[:, None]], 1), d_cache)
+
+
+@functools.partial(kernels.jit, static_argnames=("t_graph", "d_graph", "k"), donate_argnums=(4,))
+def speculative_step(t_graph, t_params, d_graph, d_params, state, active, *, k: int):
+    """One round for every slot (inactive ones run too and are ignored). ``d_graph`` None: prompt
+    lookup. Returns (state, (tokens [B, K + 1], counts [B], accepted proposals [B], logprob,
+    top ids, top logprobs, each [B, K + 1, ...])): slot b commits tokens[b, :counts[b]]."""
+    target = nnx.merge(t_graph, t_params)
+    length, hist, step = state["length"], state["hist"], state["step"]
+    b = hist.shape[0]
+    rows = (state["temperature"], state["top_k"], state["top_p"])
+    k_draft, k_accept, k_final = round_keys(state["key"], step)
+    soft = target.config.prompt_length
+    d_cache = state.get("d_cache")
+    if d_graph is None:
+        d, q = prompt_lookup(hist, jnp.full((b,), soft), length + 1, k), None
+    else:
+        draft = nnx.merge(d_graph, d_params)
+        d, q, d_cache = _draft_proposals(draft, d_cache, hist, length, draft.config.prompt_length - soft, rows,
+                                         k_draft, k)
+    idx = length[:, None] + jnp.arange(k + 1)
+    ids = jnp.concatenate([jnp.take_along_axis(hist, length[:, None], axis=1), d], axis=1)
+    s = jax.tree.leaves(state["cache"])[0].shape[-2]
+    h, cache = target.decode(ids, _clamp(idx, target), state["cache"], length, jnp.ones((b, s), bool))
+    logits = target.head(h)  # [B, K + 1, V]
+    a, x = accept(row_probs(logits, *rows), d, q, round_uniforms(k_accept, k), jax.vmap(jax.random.uniform)(k_final))
+    arange = jnp.arange(k + 1)
+    block = jnp.where(arange == a[:, None], x[:, None], jnp.concatenate([d, d[:, :1]], axis=1))
+    hist = jax.vmap(lambda row, blk, at: jax.lax.dynamic_update_slice(row, blk, (at,)))(hist, block, length + 1)
+    m = jnp.where(active, a + 1, 0)
+    v = logits.shape[-1]
+    want = jnp.repeat(state["want"] & active, k + 1)
+    lp, top_ids, top_lp = token_logprobs(logits.reshape(b * (k + 1), v), block.reshape(-1), want)
+    state = dict(state, cache=cache, hist=hist, length=length + m, step=step + active)
+    if d_cache is not None:
+        state["d_cache"] = d_cache
+    return state, (block, m, jnp.where(active, a, 0), lp.reshape(b, k + 1), top_ids.reshape(b, k + 1, -1),
+                   top_lp.reshape(b, k + 1, -1))

@@ -15,7 +15,10 @@
   each cell is the median (min-max) of the repeats over all prompts' tokens; the speculative
   outputs are checked token for token against the plain ones;
 - prompt lookup (`draft="prompt_lookup"`) on a code-editing prompt (a function followed by the
-  start of its edited copy) and on the held-out prompts.
+  start of its edited copy) and on the held-out prompts;
+- the server's engine (`jaxlm.serve.Engine`, what `jaxlm serve` runs; in process, no HTTP): the 10
+  prompts submitted at once to 4 slots, greedy, 128 new tokens each, plain against `--draft` and
+  prompt lookup (texts checked against the plain engine's). `--serve-only` runs just this part.
 """
 
 from __future__ import annotations
@@ -96,6 +99,7 @@ def main():
     ap.add_argument("--train-only", action="store_true")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--ks", default="1,2,3,4,6,8")
+    ap.add_argument("--serve-only", action="store_true", help="only the server engine's comparison")
     args = ap.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     target_dir = trained("target", TARGET)
@@ -108,6 +112,8 @@ def main():
     prompts = held_out_prompts()
     rows = [lm.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
     ks = [int(k) for k in args.ks.split(",")]
+    if args.serve_only:
+        return serve_leg(lm, draft, rows, args.repeats)
 
     def plain(r):
         return lm.generate([r], max_new_tokens=NEW)
@@ -209,6 +215,47 @@ def main():
         lm.generate(edit, max_new_tokens=n_new, draft="prompt_lookup", speculate_k=k)
         print(f"  K={k}: plain {rate_cell(n_new, t_plain[k])} tok/s, lookup {rate_cell(n_new, t_look[k])} tok/s, "
               f"{med(t_plain[k]) / med(t_look[k]):.2f}x; {lm.last_speculation}")
+    serve_leg(lm, draft, rows, args.repeats)
+
+
+def serve_leg(lm, draft, rows, repeats, slots=4):
+    """The server's engine, plain and speculative, alternating within each repeat: every prompt
+    submitted at once to ``slots`` slots, greedy, NEW tokens each."""
+    from jaxlm.serve import Engine
+
+    modes = [("plain", None, None), ("draft", draft, 4), ("draft", draft, 8), ("prompt_lookup", "prompt_lookup", 8)]
+    engines = {}
+    for name, d, k in modes:
+        engines[name, k] = Engine(lm, max_batch=slots, draft=d, speculate_k=k)
+        engines[name, k].warmup()
+        engines[name, k].start()
+
+    def run(engine):
+        t0 = time.perf_counter()
+        reqs = [engine.submit(r, max_tokens=NEW, temperature=0.0) for r in rows]
+        texts = [tuple(req.result()[0].token_ids) for req in reqs]
+        return texts, time.perf_counter() - t0
+
+    want, _ = run(engines["plain", None])
+    for m, e in engines.items():
+        got, _ = run(e)  # warm: every prompt bucket
+        assert got == want, f"{m}: the server's greedy tokens differ from the plain server's"
+        e.proposed = e.accepted = 0
+    tokens = sum(map(len, want))
+    times = {m: [] for m in engines}
+    for _ in range(repeats):
+        for m, e in engines.items():
+            times[m].append(run(e)[1])
+    base = sorted(times["plain", None])[len(times["plain", None]) // 2]
+    print(f"\nserver engine (jaxlm serve's), {len(rows)} held-out prompts submitted at once to {slots} slots, greedy, "
+          f"{NEW} new tokens each ({tokens} tokens), median (min-max) of {repeats} alternating repeats; "
+          "tokens identical to the plain server's")
+    print(f"{'proposer':<16}{'K':>3}  {'tokens/s':<22}{'speed-up':>9}{'accepted':>10}")
+    for (name, k), e in engines.items():
+        med = sorted(times[name, k])[len(times[name, k]) // 2]
+        acc = "-" if e.acceptance is None else f"{100 * e.acceptance:.0f}%"
+        print(f"{name:<16}{k or '-':>3}  {rate_cell(tokens, times[name, k]):<22}{base / med:>8.2f}x{acc:>10}")
+        e.stop()
     print(load_line())
 
 

@@ -93,11 +93,11 @@ def cached_attention(q, k, v, mask, *, scale: float | None = None, softcap: floa
     layout, read without a transpose); mask [B, 1, T, S]. Scores and softmax in float32."""
     b, t, h, dh = q.shape
     kh = k.shape[1]
-    if t == 1 and softcap is None:  # on one CPU device inside kernels.use(): jaxlm's decode kernel
-        out = kernels.decode_attention(q.reshape(b, h, dh), k, v, mask.reshape(b, -1),
+    if softcap is None:  # on one CPU device inside kernels.use(), a few queries: jaxlm's decode kernel
+        out = kernels.decode_attention(q, k, v, jnp.broadcast_to(mask, (b, 1, t, mask.shape[-1])).reshape(b, t, -1),
                                        dh ** -0.5 if scale is None else scale)
         if out is not None:
-            return out.astype(q.dtype).reshape(b, t, h, dh)
+            return out.astype(q.dtype)
     q = q.reshape(b, t, kh, h // kh, dh)
     scores = jnp.einsum("btkgd,bksd->bkgts", q, k.astype(q.dtype), preferred_element_type=jnp.float32)
     scores = scores * (dh ** -0.5 if scale is None else scale)
@@ -151,7 +151,9 @@ class Attention(nnx.Module):
             k = apply_rope(k, positions, inv)
         if kv_cache is not None:
             kv_cache = (write_cache(kv_cache[0], k, cache_index), write_cache(kv_cache[1], v, cache_index))
-            if q.shape[1] == 1 and not need_probs:  # a decode step: read the cache as it lies
+            # A decode step (or, with jaxlm's CPU kernels, a speculative round's few queries): read
+            # the cache as it lies.
+            if (q.shape[1] == 1 or kernels.enabled() and q.shape[1] <= kernels.MAX_QUERIES) and not need_probs:
                 out = cached_attention(q, *kv_cache, mask, scale=self.scale, softcap=self.softcap)
                 return dropout(self.o(out), self.dropout, None), kv_cache
             k, v = (jnp.swapaxes(c, 1, 2) for c in kv_cache)  # prefill: [B, S, K, Dh] for flash kernels

@@ -45,22 +45,26 @@ def test_kernel_equals_xla_dot(transpose):
 
 
 @needs_kernels
-@pytest.mark.parametrize("b, h, kh, s, d", [(8, 12, 12, 160, 64), (3, 8, 2, 37, 80), (2, 6, 1, 16, 256)])
-def test_decode_attention_equals_the_einsum_path(b, h, kh, s, d):
+@pytest.mark.parametrize("b, t, h, kh, s, d", [(8, 1, 12, 12, 160, 64), (3, 1, 8, 2, 37, 80), (2, 1, 6, 1, 16, 256),
+                                             (3, 9, 6, 6, 201, 32), (2, 33, 8, 2, 70, 64)])
+def test_decode_attention_equals_the_einsum_path(b, t, h, kh, s, d):
     """Multi-head, grouped-query and multi-query heads; head dims with a vector tail; slot counts
     off the 16-lane grid; ragged valid slots per row (as left-padded prompts and finished rows
-    leave them). A row with no valid slot (a batch filler) gives zeros, not NaN."""
+    leave them); one query per row, or a speculative round's block of T causal queries. A row
+    with no valid slot (a batch filler) gives zeros, not NaN."""
     from jaxlm.attention import cached_attention
 
     rng = np.random.default_rng(3)
-    q = rng.standard_normal((b, 1, h, d)).astype(np.float32)
+    q = rng.standard_normal((b, t, h, d)).astype(np.float32)
     k, v = (rng.standard_normal((b, kh, s, d)).astype(np.float32) for _ in range(2))
     valid = np.zeros((b, s), bool)
     for r in range(b):
-        lo, hi = sorted(rng.integers(0, s + 1, 2))
-        valid[r, lo:max(hi, lo + 1)] = True
+        lo, hi = sorted(rng.integers(0, s - t + 1, 2))
+        valid[r, lo:max(hi, lo + 1) + t] = True
     valid[-1] = False
-    mask = valid[:, None, None, :]
+    # Query j of a row sits at the slot t - 1 - j before its last valid one, and sees none after it.
+    last = np.where(valid.any(1), s - 1 - np.argmax(valid[:, ::-1], axis=1), 0)
+    mask = valid[:, None, None, :] & (np.arange(s) <= (last[:, None] - t + 1 + np.arange(t))[:, :, None])[:, None]
     want = np.asarray(cached_attention(q, k, v, mask))
     with kernels.use():
         f = jax.jit(lambda q, k, v, mask: cached_attention(q, k, v, mask))
@@ -80,6 +84,12 @@ def test_only_inside_the_context_and_for_small_float32():
             assert "jaxlm_matmul" in text(x, w)
         assert "jaxlm_matmul" not in text(jnp.ones((kernels.MAX_ROWS + 1, 8)), w)  # many rows: XLA
         assert "jaxlm_matmul" not in text(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+        # Attention: a prefill's block of queries is XLA's batched matmul.
+        q, kv = jnp.ones((1, kernels.MAX_QUERIES + 1, 4, 8)), jnp.ones((1, 4, 40, 8))
+        attend = jax.jit(lambda q, kv: kernels.decode_attention(q, kv, kv, jnp.ones((1, q.shape[1], 40), bool), 1.0))
+        assert kernels.decode_attention(q, kv, kv, jnp.ones((1, q.shape[1], 40), bool), 1.0) is None
+        if kernels.available():
+            assert "jaxlm_decode_attention" in attend.lower(q[:, :kernels.MAX_QUERIES], kv).as_text()
     assert "jaxlm_matmul" not in text(x, w)  # the context is restored
 
 

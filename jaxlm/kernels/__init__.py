@@ -32,6 +32,9 @@ import numpy as np
 # Rows up to which the matmul kernels beat XLA's dot (measured on GPT-2 small shapes): weights
 # [K, N] (Dense kernels, fan-in first) and [N, K] (the tied embedding as the output projection).
 MAX_ROWS, MAX_ROWS_TRANSPOSED = 32, 16
+# Queries per row up to which the attention kernel runs (a speculative round's K + 1, K <= 32); a
+# longer block (a prefill) is a batched matmul, XLA's.
+MAX_QUERIES = 33
 _HERE = pathlib.Path(__file__).parent
 _state = threading.local()
 
@@ -131,13 +134,14 @@ def _matmul_jvp(transpose, primals, tangents):  # differentiated uses: XLA's dot
 
 
 def decode_attention(q, k, v, valid, scale: float):
-    """Attention of one query per row and head, q [B, H, Dh], over a cache k, v [B, K, S, Dh]
-    (H = K x G) with valid slots ``valid`` [B, S]: [B, H, Dh], or None where the kernel does not
-    apply (outside :func:`use`, not float32, more than 64 heads per cache head or Dh > 256). A row
-    with no valid slot gives zeros."""
-    b, h, dh = q.shape
-    if not (enabled() and q.dtype == k.dtype == v.dtype == jnp.float32 and h % k.shape[1] == 0
-            and h // k.shape[1] <= 64 and dh <= 256):
+    """Attention of a few queries per row (a decode step's one, a speculative round's K + 1),
+    q [B, T, H, Dh], over a cache k, v [B, K, S, Dh] (H = K x G), query t of row b seeing the slots
+    where ``valid`` [B, T, S] holds: [B, T, H, Dh], or None where the kernel does not apply
+    (outside :func:`use`, not float32, more than MAX_QUERIES queries or 64 heads per cache head, or
+    Dh > 256). A query with no valid slot gives zeros."""
+    b, t, h, dh = q.shape
+    if not (enabled() and q.dtype == k.dtype == v.dtype == jnp.float32 and t <= MAX_QUERIES
+            and h % k.shape[1] == 0 and h // k.shape[1] <= 64 and dh <= 256):
         return None
     call = jax.ffi.ffi_call("jaxlm_decode_attention", jax.ShapeDtypeStruct(q.shape, jnp.float32))
     return call(q, k, v, valid.astype(bool), scale=np.float32(scale))

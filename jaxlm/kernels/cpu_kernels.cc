@@ -288,23 +288,25 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi
 #endif
 }
 
-// q [B, H, D], k and v [B, KH, S, D], valid [B, S] -> out [B, H, D] (H = KH * G, G <= 64).
+// q [B, T, H, D], k and v [B, KH, S, D], valid [B, T, S] -> out [B, T, H, D] (H = KH * G, G <= 64):
+// T queries per row (a decode step, or a speculative round's few), each with its own valid slots.
 ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                            ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> valid, ffi::ResultBuffer<ffi::F32> out,
                            float scale) {
 #if JAXLM_FAST
   const int64_t B = k.dimensions()[0], KH = k.dimensions()[1], S = k.dimensions()[2], D = k.dimensions()[3];
-  const int64_t G = q.dimensions()[1] / KH;
+  const int64_t T = q.dimensions()[1], G = q.dimensions()[2] / KH;
   if (G > 64 || D > 256) return ffi::Error::InvalidArgument("decode attention: G <= 64 and D <= 256 only");
   const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
   const bool* mp = valid.typed_data();
   float* op = out->typed_data();
-  // One range of (row, cache head) pairs per thread: one scores buffer each, not one per pair.
-  ParallelFor(pool, B * KH, Grain(pool, B * KH, 1), [=](int64_t i0, int64_t i1) {
+  // One range of (row, query, cache head) triples i = (b * T + t) * KH + h per thread: one scores
+  // buffer each, not one per triple.
+  ParallelFor(pool, B * T * KH, Grain(pool, B * T * KH, 1), [=](int64_t i0, int64_t i1) {
     std::vector<float> scores(G * S);
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / KH;
-      AttendOne(qp + i * G * D, kp + i * S * D, vp + i * S * D, mp + b * S, op + i * G * D, G, S, D, scale,
+      const int64_t bt = i / KH, cache = (bt / T) * KH + i % KH;
+      AttendOne(qp + i * G * D, kp + cache * S * D, vp + cache * S * D, mp + bt * S, op + i * G * D, G, S, D, scale,
                 scores.data());
     }
   });

@@ -166,8 +166,9 @@ class LM:
             return np.concatenate([head, new], axis=1)
         return [self.continuation(row, stop)[0] for row in new]
 
-    def _proposer(self, draft, speculate_k, length: int):
-        """(draft (graphdef, params) or None for prompt lookup, K); K = 0: no speculation."""
+    def _proposer(self, draft, speculate_k, length: int, length_name: str | None = None):
+        """(draft (graphdef, params) or None for prompt lookup, K); K = 0: no speculation. ``length``:
+        the tokens the draft must hold (prompt and new ones, or the server's ``length_name``)."""
         if draft is None:
             if speculate_k is not None:
                 raise ValueError("speculate_k needs a draft: pass draft=LM, a model path or 'prompt_lookup'")
@@ -194,6 +195,9 @@ class LM:
             raise ValueError(f"the draft's vocabulary has {d.vocab_size} tokens, the target's {self.config.vocab_size}: "
                              "they must share one tokenizer")
         if length > d.context:
+            if length_name is not None:
+                raise ValueError(f"{length_name}={length} exceeds the draft's context of {d.context} tokens: "
+                                 f"use {length_name} <= {d.context}")
             raise ValueError(f"{length} tokens (prompt and new ones) exceed the draft's context of "
                              f"{d.context} tokens")
         params = draft.params

@@ -27,8 +27,10 @@ def _check_speculation(args) -> None:
     """--draft / --speculate-k errors that need no model."""
     if args.speculate_k is not None and args.draft is None:
         raise ValueError("--speculate-k needs --draft (a model path or prompt_lookup)")
-    if args.speculate_k is not None and args.speculate_k < 1:
-        raise ValueError(f"--speculate-k {args.speculate_k} must be >= 1")
+    from jaxlm.speculative import MAX_K
+
+    if args.speculate_k is not None and not 1 <= args.speculate_k <= MAX_K:
+        raise ValueError(f"--speculate-k {args.speculate_k} must be in [1, {MAX_K}]")
 
 
 def cmd_generate(args) -> int:

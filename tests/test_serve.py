@@ -109,6 +109,15 @@ def test_speculative_serving_gives_lm_generates_tokens(lm, model_dir):
             if s["temperature"] == 0:
                 assert choice.text == alone(lm, p, s)[0]
             seqs.append((ids(lm, p), choice))
+        # A stop string inside a round's block, and a request of two choices (two slots).
+        p, s = short[0][1], settings(0)
+        text = seqs[0][1].text
+        stop = text[len(text) // 2:len(text) // 2 + 2]
+        (cut,) = engine.submit(ids(lm, p), stop=[stop], **s).result()
+        assert cut.text == alone(lm, p, s, stop=[stop], draft=draft, speculate_k=3)[0] == text[:text.index(stop)]
+        assert cut.finish_reason == "stop"
+        two = engine.submit(ids(lm, p), n=2, **settings(1)).result()
+        assert [c.text for c in two] == alone(lm, p, settings(1), n=2, draft=draft, speculate_k=3)
     finally:
         engine.stop()
     # Each token's log-probability under the model (one right-padded lm.logits call for all).
@@ -124,6 +133,13 @@ def test_speculative_serving_gives_lm_generates_tokens(lm, model_dir):
     values = {line.split()[0]: float(line.split()[1]) for line in metrics.render().decode().splitlines()
               if line.startswith("jaxlm_draft") and "_total" in line}
     assert values == {"jaxlm_draft_tokens_total": engine.proposed, "jaxlm_draft_accepted_tokens_total": engine.accepted}
+
+
+def test_a_draft_must_hold_the_servers_rows(lm, hf_dir):
+    short = hf_dir("GPT2LMHeadModel", n_positions=64)
+    with pytest.raises(ValueError) as e:
+        Engine(lm, max_batch=2, max_len=128, draft=short)
+    assert str(e.value) == "max_len=128 exceeds the draft's context of 64 tokens: use max_len <= 64"
 
 
 def test_sliding_window_and_grouped_kv_heads(hf_dir):

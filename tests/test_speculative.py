@@ -155,7 +155,7 @@ def test_bad_speculation_settings_are_one_line(lm, hf_dir, cli):
     # The command: exit 2, one line, before the model is loaded where it can be.
     model = hf_dir("GPT2LMHeadModel")
     for args, msg in ((["--speculate-k", "2"], "--speculate-k needs --draft (a model path or prompt_lookup)"),
-                      (["--draft", "prompt_lookup", "--speculate-k", "0"], "--speculate-k 0 must be >= 1"),
+                      (["--draft", "prompt_lookup", "--speculate-k", "0"], "--speculate-k 0 must be in [1, 32]"),
                       (["--draft", other_vocab], "the draft's vocabulary has 4096 tokens")):
         for command in (["generate", model, "--prompt", "Hi"], ["serve", model, "--max-len", "64"]):
             proc = cli(*command, *args)

@@ -211,7 +211,8 @@ class Engine:
         self.eos_id = cfg.eos_token_id if cfg.eos_token_id is not None else (tok.eos_id if tok is not None else None)
         self.pad_id = next(i for i in (cfg.pad_token_id, self.eos_id, 0) if i is not None and 0 <= i < cfg.vocab_size)
         self.metrics = metrics
-        self._draft, self.speculate_k = lm._proposer(draft, speculate_k, self.max_len)  # ((graphdef, params), K)
+        # ((graphdef, params) of the draft model, or None), K
+        self._draft, self.speculate_k = lm._proposer(draft, speculate_k, self.max_len, length_name="max_len")
         self.proposed = self.accepted = 0  # draft tokens, over all speculative steps
         self._use_kernels = kernels.on_one_cpu((lm.params, self._draft and self._draft[1]))
         self._pending: collections.deque[Request] = collections.deque()
@@ -436,30 +437,35 @@ class Engine:
         return prefilled, (int(tok[0]), float(lp[0]), top_ids[0], top_lp[0])
 
     def _advance(self, active):
-        """One decode step for every slot: (tokens [B, T], counts [B], logprobs [B, T], top ids,
-        top logprobs [B, T, MAX_TOP_LOGPROBS]); slot b's new tokens are tokens[b, :counts[b]]."""
+        """One decode step for every slot: (tokens [B, T], counts [B], accepted draft tokens [B],
+        logprobs [B, T], top ids, top logprobs [B, T, MAX_TOP_LOGPROBS]); slot b's new tokens are
+        tokens[b, :counts[b]], the first accepted[b] of them the draft's."""
         if not self.speculate_k:
             self._state, out = _step(self.lm.graphdef, self.lm.params, self._state, jnp.asarray(active),
                                      use_kernels=self._use_kernels)
             tok, lp, top_ids, top_lp = (np.asarray(x) for x in out)
-            return tok[:, None], active.astype(np.int32), lp[:, None], top_ids[:, None], top_lp[:, None]
+            count = active.astype(np.int32)
+            return tok[:, None], count, 0 * count, lp[:, None], top_ids[:, None], top_lp[:, None]
         d_graph, d_params = self._draft if self._draft is not None else (None, None)
         self._state, out = speculative_step(self.lm.graphdef, self.lm.params, d_graph, d_params, self._state,
                                             jnp.asarray(active), k=self.speculate_k, use_kernels=self._use_kernels)
-        tok, count, accepted, lp, top_ids, top_lp = (np.asarray(x) for x in out)
-        proposed, accepted = int(active.sum()) * self.speculate_k, int(accepted.sum())
-        self.proposed, self.accepted = self.proposed + proposed, self.accepted + accepted
-        if proposed and self.metrics is not None:
-            self.metrics.speculated(proposed, accepted)
-        return tok, count, lp, top_ids, top_lp
+        return tuple(np.asarray(x) for x in out)
 
     def _decode(self) -> None:
-        tok, count, lp, top_ids, top_lp = self._advance(np.array([c is not None for c in self._slots]))
+        active = np.array([c is not None for c in self._slots])
+        tok, count, accepted, lp, top_ids, top_lp = self._advance(active)
+        used = 0  # accepted draft tokens a choice kept (not cut by EOS, a stop string or max_tokens)
         for slot, choice in enumerate(self._slots):
             for j in range(count[slot] if choice is not None else 0):
                 self._emit(choice, int(tok[slot, j]), float(lp[slot, j]), top_ids[slot, j], top_lp[slot, j])
+                used += j < accepted[slot]
                 if choice.finish_reason is not None:  # EOS, a stop string or max_tokens: drop the rest
                     break
+        if self.speculate_k:
+            proposed = int(active.sum()) * self.speculate_k
+            self.proposed, self.accepted = self.proposed + proposed, self.accepted + used
+            if getattr(self.metrics, "speculated", None) is not None:  # older metrics objects lack it
+                self.metrics.speculated(proposed, used)
 
     # -- per-token bookkeeping --------------------------------------------------------------------
 

@@ -79,11 +79,13 @@ def _draft_proposals(draft, d_cache, hist, length, shift, rows, keys, k: int):
 def speculative_step(t_graph, t_params, d_graph, d_params, state, active, *, k: int):
     """One round for every slot (inactive ones run too and are ignored). ``d_graph`` None: prompt
     lookup. Returns (state, (tokens [B, K + 1], counts [B], accepted proposals [B], logprob,
-    top ids, top logprobs, each [B, K + 1, ...])): slot b commits tokens[b, :counts[b]]."""
+    top ids, top logprobs, each [B, K + 1, ...])): slot b commits tokens[b, :counts[b]] (0 for an
+    idle slot), the first accepted[b] of them the draft's."""
     target = nnx.merge(t_graph, t_params)
     length, hist, step = state["length"], state["hist"], state["step"]
     b = hist.shape[0]
-    rows = (state["temperature"], state["top_k"], state["top_p"])
+    # Idle slots count as greedy: a finished sampled request must not keep the sampling path on.
+    rows = (jnp.where(active, state["temperature"], 0.0), state["top_k"], state["top_p"])
     k_draft, k_accept, k_final = round_keys(state["key"], step)
     soft = target.config.prompt_length
     d_cache = state.get("d_cache")
@@ -109,5 +111,5 @@ def speculative_step(t_graph, t_params, d_graph, d_params, state, active, *, k: 
     state = dict(state, cache=cache, hist=hist, length=length + m, step=step + active)
     if d_cache is not None:
         state["d_cache"] = d_cache
-    return state, (block, m, jnp.where(active, a, 0), lp.reshape(b, k + 1), top_ids.reshape(b, k + 1, -1),
+    return state, (block, m, a, lp.reshape(b, k + 1), top_ids.reshape(b, k + 1, -1),
                    top_lp.reshape(b, k + 1, -1))

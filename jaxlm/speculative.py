@@ -85,6 +85,49 @@ def _filtered_probs(logits, rows):
     return jax.nn.softmax(filter_logits(logits.reshape(-1, shape[-1]), *rep), axis=-1).reshape(shape)
 
 
+def row_probs(logits, temperature, top_k, top_p):
+    """Like ``_filtered_probs`` with per-row greedy: logits [B, ..., V] -> the filtered softmax
+    where a row's temperature > 0, one-hot at the argmax where it is 0 (so ``accept`` verifies
+    greedy rows greedily). Rows of any mix run one program."""
+    greedy = jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
+
+    def mixed():
+        sampled = (temperature > 0).reshape(-1, *[1] * (logits.ndim - 1))
+        soft = _filtered_probs(logits, (jnp.where(temperature > 0, temperature, 1.0), top_k, top_p))
+        return jnp.where(sampled, soft, greedy)
+
+    return jax.lax.cond(jnp.all(temperature == 0), lambda: greedy, mixed)
+
+
+def draft_proposals(draft, d_cache, valid, first, at, pick, k: int):
+    """A draft model's K proposals of a round: (proposals [B, K], the distributions they were drawn
+    from [B, K, V] (None when ``pick`` gives none), the draft's cache).
+
+    first: (ids [B, 2], positions [B, 2], cache slot [B]) of the pending token and the one before
+    it (a fully accepted round left that one unwritten); at(j): (positions [B, 1], cache slot [B])
+    of proposal j; pick(logits [B, V], j): (proposal j [B], its distribution [B, V] or None). K - 1
+    fed steps, then the K-th proposal from the last logits (its keys are written next round)."""
+    h, d_cache = draft.decode(*first[:2], d_cache, first[2], valid)
+    logits = draft.head(h[:, -1:])[:, 0]
+
+    def step(carry, j):
+        logits, d_cache = carry
+        tok, q = pick(logits, j)
+        pos, slot = at(j)
+        h, d_cache = draft.decode(tok[:, None], pos, d_cache, slot, valid)
+        return (draft.head(h)[:, 0], d_cache), (tok, q)
+
+    (logits, d_cache), (toks, qs) = jax.lax.scan(step, (logits, d_cache), jnp.arange(k - 1))
+    last, q = pick(logits, k - 1)
+    toks = jnp.concatenate([jnp.moveaxis(toks, 0, 1), last[:, None]], 1)
+    return toks, None if q is None else jnp.concatenate([jnp.moveaxis(qs, 0, 1), q[:, None]], 1), d_cache
+
+
+def round_block(d, a, x):
+    """[B, K + 1]: the accepted proposals d[:, :a], then x, then filler (never committed)."""
+    return jnp.where(jnp.arange(d.shape[1] + 1) == a[:, None], x[:, None], jnp.concatenate([d, d[:, :1]], axis=1))
+
+
 def round_keys(row_keys, i):
     """Round i's keys [B] (for the draft's proposals, the acceptance tests, the final draw): the
     schedule ``generate(draft=...)`` and the server share, so they draw the same tokens."""
@@ -202,9 +245,6 @@ def _speculate(t_graph, t_params, d_graph, d_params, prompt, prompt_mask, row_ke
         pend = p + n - 1
         if draft is None:
             return prompt_lookup(hist, start, p + n, k), None, d_cache
-        ids, pos, slot = model_inputs(draft, hist, pend[:, None] - 1 + jnp.arange(2))
-        hd, d_cache = draft.decode(ids, pos, d_cache, slot, d_valid)  # rewrites the slot before
-        logits = draft.head(hd[:, -1:])[:, 0]  # pending: a fully accepted round left it unwritten
 
         def pick(logits, j):
             """The j-th proposal [B] and the draft's distribution it was drawn from [B, V] (None: greedy)."""
@@ -213,18 +253,11 @@ def _speculate(t_graph, t_params, d_graph, d_params, prompt, prompt_mask, row_ke
             q = _filtered_probs(logits, rows)
             return inverse_cdf(q, proposal_uniform(keys, j)), q
 
-        def step(carry, j):
-            logits, d_cache = carry
-            tok, q = pick(logits, j)
-            _, pos, slot = model_inputs(draft, hist, (pend + 1 + j)[:, None])
-            hd, d_cache = draft.decode(tok[:, None], pos, d_cache, slot, d_valid)
-            return (draft.head(hd)[:, 0], d_cache), (tok, q)
+        def at(j):
+            return model_inputs(draft, hist, (pend + 1 + j)[:, None])[1:]
 
-        # K - 1 fed steps, then the K-th proposal from the last logits (its keys are written next round).
-        (logits, d_cache), (toks, qs) = jax.lax.scan(step, (logits, d_cache), jnp.arange(k - 1))
-        last, q = pick(logits, k - 1)
-        toks = jnp.concatenate([jnp.moveaxis(toks, 0, 1), last[:, None]], 1)
-        return toks, None if q is None else jnp.concatenate([jnp.moveaxis(qs, 0, 1), q[:, None]], 1), d_cache
+        first = model_inputs(draft, hist, pend[:, None] - 1 + jnp.arange(2))
+        return draft_proposals(draft, d_cache, d_valid, first, at, pick, k)
 
     def body(state):
         i, hist, n, done, t_cache, d_cache, stats = state
@@ -244,7 +277,7 @@ def _speculate(t_graph, t_params, d_graph, d_params, prompt, prompt_mask, row_ke
         else:
             a, x = accept(_filtered_probs(logits, rows), d, q, round_uniforms(k_accept, k), _uniform(k_final))
 
-        cand = jnp.where(arange == a[:, None], x[:, None], jnp.concatenate([d, d[:, :1]], axis=1))
+        cand = round_block(d, a, x)
         m = jnp.minimum(a + 1, max_new - n)
         if eos_id is not None:
             is_eos = (cand == eos_id) & (arange < m[:, None])

@@ -21,23 +21,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm import kernels
-from jaxlm.generate import filter_logits, inverse_cdf, token_logprobs
-from jaxlm.speculative import accept, prompt_lookup, proposal_uniform, round_keys, round_uniforms
-
-
-def row_probs(logits, temperature, top_k, top_p):
-    """Each row's next-token distributions [B, T, V] from logits [B, T, V]: the temperature / top-k /
-    top-p filtered softmax where temperature > 0, one-hot at the argmax where it is 0 (greedy)."""
-    b, t, v = logits.shape
-    flat = logits.reshape(b * t, v)
-    temp, k, p = (jnp.repeat(x, t) for x in (temperature, top_k, top_p))
-    greedy = jax.nn.one_hot(jnp.argmax(flat, axis=-1), v, dtype=jnp.float32)
-
-    def mixed():
-        soft = jax.nn.softmax(filter_logits(flat, jnp.where(temp > 0, temp, 1.0), k, p), axis=-1)
-        return jnp.where((temp > 0)[:, None], soft, greedy)
-
-    return jax.lax.cond(jnp.all(temperature == 0), lambda: greedy, mixed).reshape(b, t, v)
+from jaxlm.generate import inverse_cdf, token_logprobs
+from jaxlm.speculative import (accept, draft_proposals, prompt_lookup, proposal_uniform, round_block, round_keys,
+                               round_uniforms, row_probs)
 
 
 def _clamp(pos, model):
@@ -46,33 +32,25 @@ def _clamp(pos, model):
 
 
 def _draft_proposals(draft, d_cache, hist, length, shift, rows, keys, k: int):
-    """(proposals [B, K], the distributions they were drawn from [B, K, V], the draft's cache).
-    ``shift``: the draft's slot minus the target's (their soft prompts differ)."""
+    """``speculative.draft_proposals`` at the engine's slots: (proposals [B, K], the distributions
+    they were drawn from [B, K, V] (one-hot for greedy rows), the draft's cache). ``shift``: the
+    draft's slot minus the target's (their soft prompts differ)."""
     b, s = hist.shape[0], jax.tree.leaves(d_cache)[0].shape[-2]
     valid = jnp.ones((b, s), bool)  # causal by slot: a query sees only slots written before it
-    take = lambda idx: jnp.take_along_axis(hist, idx, axis=1)  # noqa: E731
-    # The slot before the pending one too: a fully accepted round left it unwritten.
     idx = length[:, None] - 1 + jnp.arange(2)
-    h, d_cache = draft.decode(take(idx), _clamp(idx + shift, draft), d_cache, length - 1 + shift, valid)
-    logits = draft.head(h[:, -1:])[:, 0]
+    first = (jnp.take_along_axis(hist, idx, axis=1), _clamp(idx + shift, draft), length - 1 + shift)
+
+    def at(j):
+        slot = length + 1 + j + shift
+        return _clamp(slot, draft)[:, None], slot
 
     def pick(logits, j):
-        q = row_probs(logits[:, None], *rows)[:, 0]
+        q = row_probs(logits, *rows)
         tok = jnp.where(rows[0] > 0, inverse_cdf(q, proposal_uniform(keys, j)),
                         jnp.argmax(logits, axis=-1).astype(jnp.int32))
         return tok, q
 
-    def step(carry, j):
-        logits, d_cache = carry
-        tok, q = pick(logits, j)
-        slot = length + 1 + j + shift
-        h, d_cache = draft.decode(tok[:, None], _clamp(slot, draft)[:, None], d_cache, slot, valid)
-        return (draft.head(h)[:, 0], d_cache), (tok, q)
-
-    (logits, d_cache), (toks, qs) = jax.lax.scan(step, (logits, d_cache), jnp.arange(k - 1))
-    last, q = pick(logits, k - 1)
-    return (jnp.concatenate([jnp.moveaxis(toks, 0, 1), last[:, None]], 1),
-            jnp.concatenate([jnp.moveaxis(qs, 0, 1), q[:, None]], 1), d_cache)
+    return draft_proposals(draft, d_cache, valid, first, at, pick, k)
 
 
 @functools.partial(kernels.jit, static_argnames=("t_graph", "d_graph", "k"), donate_argnums=(4,))
@@ -101,8 +79,7 @@ def speculative_step(t_graph, t_params, d_graph, d_params, state, active, *, k: 
     h, cache = target.decode(ids, _clamp(idx, target), state["cache"], length, jnp.ones((b, s), bool))
     logits = target.head(h)  # [B, K + 1, V]
     a, x = accept(row_probs(logits, *rows), d, q, round_uniforms(k_accept, k), jax.vmap(jax.random.uniform)(k_final))
-    arange = jnp.arange(k + 1)
-    block = jnp.where(arange == a[:, None], x[:, None], jnp.concatenate([d, d[:, :1]], axis=1))
+    block = round_block(d, a, x)
     hist = jax.vmap(lambda row, blk, at: jax.lax.dynamic_update_slice(row, blk, (at,)))(hist, block, length + 1)
     m = jnp.where(active, a + 1, 0)
     v = logits.shape[-1]

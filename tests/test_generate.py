@@ -127,6 +127,47 @@ def reference_distribution(logits, temperature, top_k=0, top_p=1.0):
     return p, allowed
 
 
+def strict_filter_reference(logits, temperature, top_k, top_p):
+    """The kept set of filter_logits' rule in float64: top-k keeps every value >= the k-th largest
+    (ties kept), top-p then every token whose strictly more likely tokens hold < top_p."""
+    z = logits.astype(np.float64) / temperature
+    keep = np.ones(z.shape, bool) if not top_k else z >= np.sort(z)[::-1][top_k - 1]
+    p = np.where(keep, np.exp(z - z.max()), 0.0)
+    p /= p.sum()
+    above = np.array([p[z > v].sum() for v in z])
+    return keep & (above < top_p) if top_p < 1 else keep
+
+
+def test_filter_logits_keeps_the_rules_sets_on_both_paths():
+    """Rows of mixed settings, with ties at the top-k threshold and at the top-p cut: each row's kept
+    set is the reference's and the kept logits are logits / T, whether the batch is filtered among
+    lax.top_k's 256 candidates (every top-k <= 256) or by bisection (a row of top_k 300 or top-p alone)."""
+    from jaxlm.generate import TOP_CANDIDATES, filter_logits
+
+    rng = np.random.default_rng(0)
+    v = 1000
+    logits = (rng.normal(size=(6, v)) * 2).astype(np.float32)
+    logits[1, 100:140] = logits[1].max() + 1  # 40 tied largest: top-k 20 keeps all 40
+    # Row 2: 7 tokens tied at its 9th largest value, and a top-p cut in the middle of them (the
+    # 8 above hold less than top_p, the 8 above plus 3.5 of the tied ones as much): all 7 stay.
+    logits[2, np.argsort(logits[2])[-15:-9]] = np.sort(logits[2])[-9]
+    z = np.sort(logits[2].astype(np.float64) / 0.9)[::-1][:50]
+    probs = np.exp(z - z[0]) / np.exp(z - z[0]).sum()
+    rows = [(1.0, 5, 1.0), (1.0, 20, 1.0), (0.9, 50, probs[:8].sum() + 3.5 * probs[8]), (1.3, 256, 0.5),
+            (1.0, 0, 1.0), (0.8, 10, 0.3)]
+    for extra in [None, (1.0, TOP_CANDIDATES + 44, 1.0), (1.0, 0, 0.9)]:  # None: the candidates' path
+        settings = rows + ([extra] if extra else [])
+        x = np.concatenate([logits, logits[:1]]) if extra else logits
+        t, k, p = (np.array(c) for c in zip(*settings))
+        out = np.asarray(filter_logits(jnp.asarray(x), jnp.asarray(t, jnp.float32), jnp.asarray(k, jnp.int32),
+                                       jnp.asarray(p, jnp.float32)))
+        for i, (temperature, top_k, top_p) in enumerate(settings):
+            want = strict_filter_reference(x[i], temperature, top_k, top_p)
+            assert (np.isfinite(out[i]) == want).all(), (extra, i, np.isfinite(out[i]).sum(), want.sum())
+            np.testing.assert_allclose(out[i][want], (x[i] / np.float32(temperature))[want], rtol=1e-6)
+    assert [int(np.isfinite(r).sum()) for r in out[:6]] == [5, 40, 15, 38, 1000, 2]
+
+
 @pytest.mark.parametrize("temperature, top_k, top_p", [(0.7, 0, 1.0), (1.0, 20, 1.0), (1.0, 0, 0.9),
                                                        (0.8, 50, 0.95)])
 def test_sampling_distribution(hf_dir, temperature, top_k, top_p):

@@ -19,6 +19,8 @@ import pytest
 import jaxlm
 from jaxlm.serve import Engine, QueueFull
 
+from conftest import TEST_XLA_FLAGS
+
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 PROMPTS = ["def f(x):", "import os\nimport sys\n", "The quick brown fox jumps over the lazy dog. " * 3, "a",
@@ -411,7 +413,7 @@ def test_tensor_parallel_server_gives_the_one_device_text(model_dir, lm):
     # up 2 prefill buckets instead of 128 tokens' 4; the one-device reference is the greedy program
     # of test_logprobs_stop_and_cancel.
     with serve(model_dir, "mesh.tensor=2", "--max-batch", "2", "--max-len", "32",
-               env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}) as (_, url):
+               env={"XLA_FLAGS": f"--xla_force_host_platform_device_count=2 {TEST_XLA_FLAGS}"}) as (_, url):
         r = client(url).completions.create(model="gpt2-chat", prompt=PROMPTS[:2], max_tokens=20, temperature=0)
     assert [c.text for c in r.choices] == [alone(lm, p, dict(settings(0), max_tokens=20, temperature=0.0))[0]
                                            for p in PROMPTS[:2]]

@@ -17,7 +17,7 @@ from jaxlm.generate import Sampling, check_request, generate_ids, integer
 from jaxlm.io import read_model, save_model
 from jaxlm.sharding import check_model_fits, make_mesh, param_shardings
 from jaxlm.speculative import DEFAULT_K, MAX_K, speculate_ids
-from jaxlm.transformer import abstract_model, params_for
+from jaxlm.transformer import model_graphdef, params_for
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "output"))
@@ -35,7 +35,7 @@ class LM:
         self.config = config
         self.params = params_for(config, params)
         self.tokenizer = tokenizer
-        self.graphdef = nnx.graphdef(abstract_model(config))  # the module structure, static under jit
+        self.graphdef = model_graphdef(config)  # the module structure, static under jit
         if isinstance(mesh, MeshConfig):
             mesh = make_mesh(mesh)
         self.mesh = mesh  # None: one device

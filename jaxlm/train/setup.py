@@ -36,7 +36,7 @@ from jaxlm.sharding import (batch_sharding, check_batch_fits, check_model_fits, 
 from jaxlm.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer, with_chat_template
 from jaxlm.train.objectives import StepSpec
 from jaxlm.train.steps import make_eval_step, make_train_step
-from jaxlm.transformer import abstract_model, build_model, params_for
+from jaxlm.transformer import build_model, model_graphdef, params_for
 
 
 @dataclasses.dataclass
@@ -161,7 +161,7 @@ def _build(cfg: Config, log, base_params, tokenizer, class_rows, template, mesh)
 
     # model.scan_layers picks the layout of params and optimizer state in this run's checkpoints.
     model_cfg = cfg.model.replace(dtype=cfg.train.dtype)
-    graphdef = nnx.graphdef(abstract_model(model_cfg))
+    graphdef = model_graphdef(model_cfg)
     tx = make_optimizer(cfg.optim, cfg.train.steps)
     params, frozen, p_sharding = _init_params(cfg, model_cfg, mesh, base_params)
     fixed = teacher[:2] if teacher else None
@@ -287,7 +287,7 @@ def _reference(cfg: Config, model_cfg: ModelConfig, mesh, graphdef, params, froz
         r_cfg = r_cfg.replace(dtype=cfg.train.dtype, scan_layers=model_cfg.scan_layers)
         check_model_fits(r_cfg, mesh)
         log(f"dpo: reference {cfg.dpo.reference}, beta {cfg.dpo.beta}")
-        return nnx.graphdef(abstract_model(r_cfg)), jax.device_put(params_for(r_cfg, r_params),
+        return model_graphdef(r_cfg), jax.device_put(params_for(r_cfg, r_params),
                                                                    param_shardings(r_cfg, mesh))
     base_adapters = base_params is not None and any("lora_a" in node for _, node in tree.walk(base_params))
     if cfg.adapt.method == "lora" and not base_adapters:
@@ -314,7 +314,7 @@ def _teacher(cfg: Config, mesh, log):
     log(f"distilling from {cfg.distill.teacher} ({t_cfg.n_layers} layers, d={t_cfg.d_model}): T="
         f"{cfg.distill.temperature}, alpha={cfg.distill.alpha}, attention weight {cfg.distill.attention_weight}")
     t_params = jax.device_put(params_for(t_cfg, t_params), param_shardings(t_cfg, mesh))
-    return nnx.graphdef(abstract_model(t_cfg)), t_params, pairs
+    return model_graphdef(t_cfg), t_params, pairs
 
 
 def _init_params(cfg: Config, model_cfg: ModelConfig, mesh, base_params):

@@ -223,9 +223,11 @@ def init_cache(cfg: ModelConfig, batch: int, length: int):
     return {n: tuple(constrain(jnp.zeros(shape, cfg.dtype), axes) for _ in range(cfg.n_layers)) for n in ("k", "v")}
 
 
-def _generate(graphdef, params, prompt, prompt_mask, row_keys, active, *, max_new: int,
-              sampling: Sampling, eos_id, pad_id: int, stream: bool):
-    """prompt, prompt_mask: [B, P] (left padded); row_keys: [B]; active: [B] (False: bucket filler).
+def _generate(graphdef, params, prompt, prompt_mask, row_keys, active, rows, *, max_new: int, greedy: bool,
+              eos_id, pad_id: int, stream: bool):
+    """prompt, prompt_mask: [B, P] (left padded); row_keys: [B]; active: [B] (False: bucket filler);
+    rows: ``sampling_rows`` (traced: one program serves every temperature / top-k / top-p; ``greedy``
+    programs have no sampling code).
 
     Returns the new tokens [B, N]; after a row's EOS (and for inactive rows) they are ``pad_id``.
     """
@@ -239,10 +241,11 @@ def _generate(graphdef, params, prompt, prompt_mask, row_keys, active, *, max_ne
     h, cache = model.decode(prompt, positions, cache, 0, key_valid, prefill=True)
     logits = model.head(h[:, -1:])[:, 0]  # only the last position's logits are needed
 
-    rows = sampling_rows(sampling, b)
-
     def emit(i, logits, done, out):
-        tok = sample(logits, jax.vmap(jax.random.fold_in, (0, None))(row_keys, i), *rows)
+        if greedy:
+            tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        else:
+            tok = sample(logits, jax.vmap(jax.random.fold_in, (0, None))(row_keys, i), *rows)
         tok = jnp.where(done, pad_id, tok)
         if stream:
             jax.debug.callback(_stream_callback, i, tok, ordered=True)
@@ -270,7 +273,7 @@ def _generate(graphdef, params, prompt, prompt_mask, row_keys, active, *, max_ne
 
 
 # use_kernels=on_one_cpu(params): jaxlm.kernels' CPU decode kernels (weights read once per step).
-_generate_jit = kernels.jit(_generate, static_argnames=("graphdef", "max_new", "sampling", "eos_id",
+_generate_jit = kernels.jit(_generate, static_argnames=("graphdef", "max_new", "greedy", "eos_id",
                                                         "pad_id", "stream"))
 _stream_sink = []  # the callback of the streaming call in progress (one at a time)
 
@@ -301,9 +304,9 @@ def generate_ids(graphdef, params, config: ModelConfig, rows, *, max_new_tokens:
     if on_token is not None:
         _stream_sink.append(on_token)
     try:
-        out = _generate_jit(graphdef, params, *batch, max_new=max_new_tokens, sampling=sampling,
-                            eos_id=eos_id, pad_id=pad_id, stream=on_token is not None,
-                            use_kernels=kernels.on_one_cpu(params))
+        out = _generate_jit(graphdef, params, *batch, sampling_rows(sampling, len(batch[0])),
+                            max_new=max_new_tokens, greedy=sampling.greedy, eos_id=eos_id, pad_id=pad_id,
+                            stream=on_token is not None, use_kernels=kernels.on_one_cpu(params))
         out = np.asarray(out)
     finally:
         if on_token is not None:

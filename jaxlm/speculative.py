@@ -191,9 +191,10 @@ def prompt_lookup(hist, start, end, k: int, ngram: int = LOOKUP_NGRAM):
     return _take(hist, idx)
 
 
-def _speculate(t_graph, t_params, d_graph, d_params, prompt, prompt_mask, row_keys, active, *, max_new: int,
-               k: int, sampling: Sampling, eos_id, pad_id: int, stream: bool):
-    """prompt, prompt_mask: [B, P] (left padded); row_keys: [B]; active: [B] (False: bucket filler).
+def _speculate(t_graph, t_params, d_graph, d_params, prompt, prompt_mask, row_keys, active, rows, *, max_new: int,
+               k: int, greedy: bool, eos_id, pad_id: int, stream: bool):
+    """prompt, prompt_mask: [B, P] (left padded); row_keys: [B]; active: [B] (False: bucket filler);
+    rows: ``sampling_rows`` (traced, as in plain generation).
     ``d_graph`` None: prompt lookup. Returns (new tokens [B, N], pad after EOS; stats [4] int32)."""
     target = nnx.merge(t_graph, t_params)
     draft = None if d_graph is None else nnx.merge(d_graph, d_params)
@@ -223,7 +224,6 @@ def _speculate(t_graph, t_params, d_graph, d_params, prompt, prompt_mask, row_ke
         return h, cache, valid
 
     h, t_cache, t_valid = prefill(target)
-    rows = sampling_rows(sampling, b)
     first = sample(target.head(h[:, -1:])[:, 0], _fold(row_keys, 0), *rows)  # as plain generation does
     if draft is not None:
         _, d_cache, d_valid = prefill(draft)
@@ -248,7 +248,7 @@ def _speculate(t_graph, t_params, d_graph, d_params, prompt, prompt_mask, row_ke
 
         def pick(logits, j):
             """The j-th proposal [B] and the draft's distribution it was drawn from [B, V] (None: greedy)."""
-            if sampling.greedy:
+            if greedy:
                 return jnp.argmax(logits, axis=-1).astype(jnp.int32), None
             q = _filtered_probs(logits, rows)
             return inverse_cdf(q, proposal_uniform(keys, j)), q
@@ -269,7 +269,7 @@ def _speculate(t_graph, t_params, d_graph, d_params, prompt, prompt_mask, row_ke
         h, t_cache = target.decode(ids, pos, t_cache, slot, t_valid)
         logits = target.head(h)  # [B, K + 1, V]
 
-        if sampling.greedy:
+        if greedy:
             best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
             ok = d == best[:, :k]
             a = jnp.sum(jnp.cumprod(ok, axis=1), axis=1)
@@ -303,7 +303,7 @@ def _speculate(t_graph, t_params, d_graph, d_params, prompt, prompt_mask, row_ke
     return hist[:, p:p + max_new], stats
 
 
-_speculate_jit = kernels.jit(_speculate, static_argnames=("t_graph", "d_graph", "max_new", "k", "sampling",
+_speculate_jit = kernels.jit(_speculate, static_argnames=("t_graph", "d_graph", "max_new", "k", "greedy",
                                                           "eos_id", "pad_id", "stream"))
 _stream_sink = []  # the callback of the streaming call in progress (one at a time)
 
@@ -347,8 +347,9 @@ def speculate_ids(t_graph, t_params, t_config, rows, *, draft, k: int, max_new_t
     if on_token is not None:
         _stream_sink.append(_Steps(on_token, n_rows, pad_id))
     try:
-        out, stats = _speculate_jit(t_graph, t_params, d_graph, d_params, *batch, max_new=max_new_tokens, k=k,
-                                    sampling=sampling, eos_id=eos_id, pad_id=pad_id, stream=on_token is not None,
+        out, stats = _speculate_jit(t_graph, t_params, d_graph, d_params, *batch,
+                                    sampling_rows(sampling, len(batch[0])), max_new=max_new_tokens, k=k,
+                                    greedy=sampling.greedy, eos_id=eos_id, pad_id=pad_id, stream=on_token is not None,
                                     use_kernels=kernels.on_one_cpu((t_params, d_params)))
         out, stats = np.asarray(out), [int(s) for s in np.asarray(stats)]
     finally:

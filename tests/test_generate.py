@@ -206,6 +206,12 @@ def test_new_prompt_length_in_bucket_does_not_recompile(lm):
     lm.generate([[7, 8, 9, 10, 11, 12, 13]], max_new_tokens=4)  # 5 and 7 share the bucket of 8
     lm.generate([[7, 8], [9, 10, 11]], max_new_tokens=4)  # batch 2: a new batch bucket
     assert compiled_programs() == before + 1
+    # Sampling settings are arguments of one sampled program, not part of it.
+    lm.generate([[1, 2, 3]], max_new_tokens=4, temperature=0.7, seed=1)
+    before = compiled_programs()
+    for t, k, p in ((1.3, 0, 1.0), (0.5, 40, 1.0), (1.0, 0, 0.9), (0.9, 7, 0.5)):
+        lm.generate([[1, 2, 3]], max_new_tokens=4, temperature=t, top_k=k, top_p=p, seed=2)
+    assert compiled_programs() == before
 
 
 def test_eos_ends_a_row_and_stop_strings(lm):

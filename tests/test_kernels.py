@@ -125,7 +125,8 @@ def test_decoding_with_kernels_gives_the_same_tokens(hf_dir):
             rows = [list(rng.integers(1, 200, int(rng.integers(2, 12)))) for _ in range(b)]
             ids = {}
             batch, n = generate.prompt_batch(lm.config, rows, 1, 24, 0, 0)
-            args = dict(max_new=24, sampling=generate.Sampling(), eos_id=None, pad_id=0, stream=False)
+            batch = (*batch, generate.sampling_rows(generate.Sampling(), len(batch[0])))
+            args = dict(max_new=24, greedy=True, eos_id=None, pad_id=0, stream=False)
             for small in (False, True):
                 out = generate._generate_jit(lm.graphdef, lm.params, *batch, **args, use_kernels=small)
                 ids[small] = np.asarray(out)[:n]

@@ -48,7 +48,7 @@ def ids(lm, text):
 
 def settings(i):
     """Request i's settings: greedy, top-k + top-p or top-k sampling by turns, each with its own
-    seed and length (three kinds, so lm.generate, whose settings are static, compiles few programs).
+    seed and length (three kinds: lm.generate compiles a program per length, greedy or sampled).
 
     Sampled comparisons with lm.generate keep a top-k: this random model's next-token distribution
     is nearly flat over 50k tokens (each ~2e-5), so float32 sums that differ in the last bits (a

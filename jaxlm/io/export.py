@@ -23,7 +23,7 @@ from jaxlm.io.atomic import atomic_dir, check_destination
 from jaxlm.io.hf import family_of
 from jaxlm.io.hf.weights import DTYPES, export_plan, flatten, parse_size, write_safetensors
 from jaxlm.io.hub import local_dir
-from jaxlm.io.model_dir import is_model_dir, param_metadata, read_config, read_param
+from jaxlm.io.model_dir import is_model_dir, param_metadata, read_config, read_param, stored_metadata
 from jaxlm.io.peft import CONFIG, WEIGHTS, adapter_config, adapter_tensors
 from jaxlm.io.read import read_model
 from jaxlm.tokenizer import load_tokenizer
@@ -87,8 +87,9 @@ def _source(src):
     if is_model_dir(d):  # one parameter (of one layer) at a time, from disk
         checksums.verify(d)
         params = d / "params"
-        meta = param_metadata(params)
-        stacked = functools.lru_cache(maxsize=2)(lambda name: np.asarray(read_param(params, name)))
+        stored = stored_metadata(params)  # read once, not once per tensor
+        meta = param_metadata(params, stored)
+        stacked = functools.lru_cache(maxsize=2)(lambda name: np.asarray(read_param(params, name, stored)))
 
         def locate(name):  # (stored name, layer to take from a stacked leaf or None)
             if name in meta:
@@ -97,8 +98,8 @@ def _source(src):
             return ".".join(parts[:2] + parts[3:]), int(parts[2])
 
         def read(name):
-            stored, layer = locate(name)
-            return np.asarray(read_param(params, stored)) if layer is None else stacked(stored)[layer]
+            name_, layer = locate(name)
+            return np.asarray(read_param(params, name_, stored)) if layer is None else stacked(name_)[layer]
 
         return read_config(d), read, lambda name: meta[locate(name)[0]][1], load_tokenizer(d)
     config, params, tokenizer = read_model(d)

@@ -84,7 +84,7 @@ def _source(src):
     """(config, read(path), dtype_of(path), tokenizer): parameters by their path in the per-layer
     layout ("layers.blocks.<i>. ..."), as numpy arrays."""
     d = local_dir(src)
-    if is_model_dir(d):  # one parameter (of one layer) at a time, from disk
+    if is_model_dir(d):  # one layer (or one parameter outside the layers) at a time, from disk
         checksums.verify(d)
         params = d / "params"
         stored = stored_metadata(params)  # read once, not once per tensor
@@ -97,9 +97,21 @@ def _source(src):
             parts = name.split(".")  # a directory written stacked: layers.blocks.<i>.x -> layers.blocks.x [i]
             return ".".join(parts[:2] + parts[3:]), int(parts[2])
 
+        @functools.lru_cache(maxsize=1)  # the plan reads layer by layer: one layer's tensors in memory
+        def block(i):
+            return read_param(params, f"layers.blocks.{i}", stored)
+
         def read(name):
             name_, layer = locate(name)
-            return np.asarray(read_param(params, name_, stored)) if layer is None else stacked(name_)[layer]
+            if layer is not None:
+                return stacked(name_)[layer]
+            parts = name_.split(".")
+            if parts[:2] == ["layers", "blocks"] and parts[2].isdigit():
+                leaf = block(int(parts[2]))
+                for k in parts[3:]:
+                    leaf = leaf[k]
+                return np.asarray(leaf)
+            return np.asarray(read_param(params, name_, stored))
 
         return read_config(d), read, lambda name: meta[locate(name)[0]][1], load_tokenizer(d)
     config, params, tokenizer = read_model(d)

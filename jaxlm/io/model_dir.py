@@ -80,7 +80,8 @@ def restore_params(path, abstract):
 
 def read_param(path, name: str, stored=None):
     """One parameter of an orbax param tree (``name``: its dotted path, e.g. "embed.tokens.embedding"
-    or "layers.blocks.3.attn.q.kernel"), read alone: the other leaves stay on disk. ``stored``: the
+    or "layers.blocks.3.attn.q.kernel"), or the subtree under a path ("layers.blocks.3": one layer),
+    read alone: the other leaves stay on disk. ``stored``: the
     tree's ``stored_metadata``, when reading many (reading it is half the cost)."""
     path = Path(path).absolute()
     one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -88,7 +89,7 @@ def read_param(path, name: str, stored=None):
 
     def target(k, m):
         here = tuple(str(getattr(p, "key", p)) for p in k)
-        return jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one) if here == keys else ocp.PLACEHOLDER
+        return jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one) if here[:len(keys)] == keys else ocp.PLACEHOLDER
 
     stored = stored_metadata(path) if stored is None else stored
     tree = ocp.load(path, jax.tree_util.tree_map_with_path(target, stored))

@@ -184,24 +184,27 @@ def layer_path(path: str, layer: int | None) -> str:
 
 
 def export_plan(config: ModelConfig, family, read, dtype_of, *, bare: bool, dtype: str | None = None):
-    """[(HF name, shape, dtype, make)] for every tensor of the model, in rule order: ``make()``
+    """[(HF name, shape, dtype, make)] for every tensor of the model, layer by layer: ``make()``
     computes the array. ``read(path)`` gives a parameter in the per-layer layout (see
     ``layer_path``) as a numpy array, ``dtype_of(path)`` its dtype without reading it; ``bare``:
     the architecture without a head module (its body tensors carry no prefix); ``dtype`` casts.
     """
     plan = []
-    for rule in family.rules(config):
-        if rule.to_hf is None:
-            continue
+    rules = [r for r in family.rules(config) if r.to_hf is not None]
+    # Layer by layer (as transformers orders a state dict), so a reader can hold one layer at a time.
+    first = next((i for i, r in enumerate(rules) if r.layered), len(rules))
+    layered = [(r, layer) for layer in range(config.n_layers) for r in rules if r.layered]
+    order = ([(r, None) for r in rules[:first] if not r.layered] + layered
+             + [(r, None) for r in rules[first:] if not r.layered])
+    for rule, layer in order:
         prefix = "" if bare or rule.head else family.PREFIX
-        for layer in range(config.n_layers) if rule.layered else [None]:
-            paths = [layer_path(path, layer) for path, _ in rule.targets]
-            out = DTYPES[dtype] if dtype is not None else np.dtype(dtype_of(paths[0]))
+        paths = [layer_path(path, layer) for path, _ in rule.targets]
+        out = DTYPES[dtype] if dtype is not None else np.dtype(dtype_of(paths[0]))
 
-            def make(paths=paths, rule=rule, out=out):
-                return np.ascontiguousarray(rule.to_hf(*[np.asarray(read(p)) for p in paths])).astype(out, copy=False)
+        def make(paths=paths, rule=rule, out=out):
+            return np.ascontiguousarray(rule.to_hf(*[np.asarray(read(p)) for p in paths])).astype(out, copy=False)
 
-            plan.append((prefix + rule.name.format(layer), tuple(rule.shape), out, make))
+        plan.append((prefix + rule.name.format(layer), tuple(rule.shape), out, make))
     return plan
 
 

@@ -178,6 +178,12 @@ def sample(logits, keys, temperature, top_k, top_p):
     return jax.lax.cond(jnp.all(temperature == 0), lambda: greedy, sampled)
 
 
+def next_token(logits, keys, rows, greedy: bool):
+    """``sample`` with ``rows`` (``sampling_rows``); in a ``greedy`` program (static) the argmax
+    alone, so greedy decoding compiles no sampling code."""
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32) if greedy else sample(logits, keys, *rows)
+
+
 def inverse_cdf(probs, u):
     """One token per row of probs [N, V] (need not sum to 1): the first whose cumulative
     probability exceeds u [N] (uniform in [0, 1)) times the row's total."""
@@ -242,10 +248,7 @@ def _generate(graphdef, params, prompt, prompt_mask, row_keys, active, rows, *, 
     logits = model.head(h[:, -1:])[:, 0]  # only the last position's logits are needed
 
     def emit(i, logits, done, out):
-        if greedy:
-            tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        else:
-            tok = sample(logits, jax.vmap(jax.random.fold_in, (0, None))(row_keys, i), *rows)
+        tok = next_token(logits, jax.vmap(jax.random.fold_in, (0, None))(row_keys, i), rows, greedy)
         tok = jnp.where(done, pad_id, tok)
         if stream:
             jax.debug.callback(_stream_callback, i, tok, ordered=True)

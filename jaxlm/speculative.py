@@ -30,7 +30,8 @@ import numpy as np
 from flax import nnx
 
 from jaxlm import kernels
-from jaxlm.generate import Sampling, filter_logits, init_cache, inverse_cdf, prompt_batch, sample, sampling_rows
+from jaxlm.generate import (Sampling, filter_logits, init_cache, inverse_cdf, next_token, prompt_batch,
+                            sampling_rows)
 from jaxlm.transformer import positions_from_mask
 
 LOOKUP_NGRAM = 3  # prompt lookup matches the last 3 tokens, then 2, then 1
@@ -224,7 +225,7 @@ def _speculate(t_graph, t_params, d_graph, d_params, prompt, prompt_mask, row_ke
         return h, cache, valid
 
     h, t_cache, t_valid = prefill(target)
-    first = sample(target.head(h[:, -1:])[:, 0], _fold(row_keys, 0), *rows)  # as plain generation does
+    first = next_token(target.head(h[:, -1:])[:, 0], _fold(row_keys, 0), rows, greedy)  # as plain generation does
     if draft is not None:
         _, d_cache, d_valid = prefill(draft)
     else:

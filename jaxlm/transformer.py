@@ -416,22 +416,15 @@ def abstract_model(cfg: ModelConfig) -> Transformer:
     Traced once per config (40-500 ms: every layer's initialisers) and then copied (~1-5 ms):
     loading, training setup and export each ask for it several times.
     """
-    try:
-        graphdef, state = _abstract_split(cfg)
-    except TypeError:  # a config with an unhashable field: traced each time
-        return nnx.eval_shape(lambda: build_model(cfg))
-    return nnx.merge(graphdef, state, copy=True)  # fresh Variables: callers may fill them in
+    return nnx.merge(*_abstract_split(cfg), copy=True)  # fresh Variables: callers may fill them in
 
 
 def model_graphdef(cfg: ModelConfig) -> nnx.GraphDef:
     """The model's structure (a static argument of jitted functions), from abstract_model's cache."""
-    try:
-        return _abstract_split(cfg)[0]
-    except TypeError:
-        return nnx.graphdef(abstract_model(cfg))
+    return _abstract_split(cfg)[0]
 
 
-@functools.lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=32)  # a ModelConfig is frozen and hashable (jit hashes it in the graphdef too)
 def _abstract_split(cfg: ModelConfig):
     return nnx.split(nnx.eval_shape(lambda: build_model(cfg)))
 

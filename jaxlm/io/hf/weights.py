@@ -194,8 +194,7 @@ def export_plan(config: ModelConfig, family, read, dtype_of, *, bare: bool, dtyp
     # Layer by layer (as transformers orders a state dict), so a reader can hold one layer at a time.
     first = next((i for i, r in enumerate(rules) if r.layered), len(rules))
     layered = [(r, layer) for layer in range(config.n_layers) for r in rules if r.layered]
-    order = ([(r, None) for r in rules[:first] if not r.layered] + layered
-             + [(r, None) for r in rules[first:] if not r.layered])
+    order = [(r, None) for r in rules[:first]] + layered + [(r, None) for r in rules[first:] if not r.layered]
     for rule, layer in order:
         prefix = "" if bare or rule.head else family.PREFIX
         paths = [layer_path(path, layer) for path, _ in rule.targets]

@@ -30,7 +30,25 @@ import subprocess  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from jaxlm.testing import save_random_hf  # noqa: E402
+
+# Garbage collection. A worker's heap holds what collection imported (jax, flax, transformers,
+# torch: millions of objects that live to the end) and grows with the jit caches, so each full
+# collection took ~0.5 s, and pytest's five at the session's end (looking for unraisable
+# exceptions) ~5 s per worker: ~36 s of the suite's CPU time. Frozen objects are never scanned
+# (gc.freeze); full collections come 10x less often (young ones as before); the session's end
+# scans nothing (a cycle still alive then goes unreported if its __del__ raises). Measured: 36 -> 10 s
+# of collections, the suite ~8% faster.
+def pytest_collection_finish(session):
+    import gc
+
+    gc.freeze()
+    gc.set_threshold(700, 10, 100)
+
+
+def pytest_sessionfinish(session):
+    import gc
+
+    gc.freeze()
 
 
 @pytest.fixture(scope="session")
@@ -41,6 +59,8 @@ def hf_dir(tmp_path_factory):
     def make(architecture, size="tiny", **config):
         key = (architecture, size, json.dumps(config, sort_keys=True))
         if key not in cache:
+            from jaxlm.testing import save_random_hf
+
             dst = tmp_path_factory.mktemp(f"{architecture}-{size}")
             # Moderately large init keeps logits peaked (greedy tokens are not near-ties) without
             # overflowing the 12-layer shapes.

@@ -229,6 +229,28 @@ def test_incomplete_checkpoint_is_ignored(corpus, uninterrupted, tmp_path):
     assert losses(w) == losses(uninterrupted)
 
 
+def test_a_second_run_of_the_same_setup_traces_and_compiles_nothing(corpus, tmp_path):
+    """Runs of one setup in a process (a resumed run, a sweep in a notebook) share its jitted
+    programs: the second traces and compiles none of them, and logs the first's losses."""
+    events = []
+
+    def listen(event, seconds, **kw):
+        events.append(event)
+
+    def run(w):
+        train(load_config(DEFAULT_CONFIG, args(corpus, w, "train.steps=3", "train.eval_every=2")), log=lambda m: None)
+
+    run(tmp_path / "a")
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        run(tmp_path / "b")
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert "/jax/core/compile/backend_compile_duration" not in events, events
+    assert "/jax/core/compile/jaxpr_trace_duration" not in events, events
+    assert losses(tmp_path / "b") == losses(tmp_path / "a") and len(losses(tmp_path / "a")) == 3
+
+
 def test_grad_accumulation_equals_big_batch():
     cfg = load_config(None, TINY).model
     params = nnx.to_pure_dict(nnx.state(build_model(cfg.replace(scan_layers=True)), nnx.Param))

@@ -36,7 +36,7 @@ from jaxlm.sharding import (batch_sharding, check_batch_fits, check_model_fits, 
 from jaxlm.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer, with_chat_template
 from jaxlm.train.objectives import StepSpec
 from jaxlm.train.steps import make_eval_step, make_train_step
-from jaxlm.transformer import build_model, model_graphdef, params_for
+from jaxlm.transformer import abstract_model, build_model, model_graphdef, params_for
 
 
 @dataclasses.dataclass
@@ -162,13 +162,12 @@ def _build(cfg: Config, log, base_params, tokenizer, class_rows, template, mesh)
     # model.scan_layers picks the layout of params and optimizer state in this run's checkpoints.
     model_cfg = cfg.model.replace(dtype=cfg.train.dtype)
     graphdef = model_graphdef(model_cfg)
-    tx = make_optimizer(cfg.optim, cfg.train.steps)
-    params, frozen, p_sharding = _init_params(cfg, model_cfg, mesh, base_params)
+    state_programs = _state_programs(model_cfg, mesh, cfg.adapt.method, cfg.optim, cfg.train.steps, cfg.train.seed)
+    params, frozen = _init_params(cfg, model_cfg, state_programs, base_params)
     fixed = teacher[:2] if teacher else None
     if objective == "dpo":
         fixed = _reference(cfg, model_cfg, mesh, graphdef, params, frozen, base_params, log)
-    o_sharding = like_params(jax.eval_shape(tx.init, params), p_sharding, mesh)
-    opt_state = jax.jit(tx.init, out_shardings=o_sharding)(params)
+    opt_state = state_programs.opt_init(params)
     rows_sharding = batch_sharding(mesh)
 
     def to_device(local):  # this host's rows -> one global array (or a dict of them), split over data x fsdp
@@ -198,13 +197,10 @@ def _build(cfg: Config, log, base_params, tokenizer, class_rows, template, mesh)
                     teacher[2] if teacher else (), segments_eos=tokenizer.eos_id if segments else None,
                     beta=cfg.dpo.beta, sft_weight=cfg.dpo.sft_weight)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    train_step = make_train_step(graphdef, tx, spec, schedule(cfg.optim, cfg.train.steps),
-                                 dropout=cfg.model.dropout > 0 or cfg.model.attention_dropout > 0,
-                                 state_sharding={"params": p_sharding, "opt_state": o_sharding, "step": replicated},
-                                 fixed_graphdef=fixed and fixed[0])
+    train_step, eval_step = _step_programs(model_cfg, mesh, cfg.adapt.method, cfg.optim, cfg.train.steps,
+                                           cfg.train.seed, spec, fixed and fixed[0])
     state = {"params": params, "opt_state": opt_state, "step": jax.device_put(jnp.int32(start), replicated)}
     fixed_params = fixed and fixed[1]
-    eval_step = make_eval_step(graphdef, spec, fixed and fixed[0])
     if objective == "dpo":
         eval_step = functools.partial(eval_step, fixed_params=fixed_params)
     return Run(cfg=cfg, workdir=workdir, log=log, tokenizer=tokenizer, mesh=mesh, train_step=train_step,
@@ -317,25 +313,58 @@ def _teacher(cfg: Config, mesh, log):
     return model_graphdef(t_cfg), t_params, pairs
 
 
-def _init_params(cfg: Config, model_cfg: ModelConfig, mesh, base_params):
-    """(trainable params, frozen params or None, trainable params' shardings), created straight
-    into the mesh layout (the full model never sits on one device), the base model's weights
-    replacing the fresh ones where it has them (new adapters stay as initialised)."""
-    p_sharding = param_shardings(model_cfg, mesh)
-    init = jax.jit(lambda: nnx.to_pure_dict(nnx.state(build_model(model_cfg, cfg.train.seed), nnx.Param)),
-                   out_shardings=p_sharding)
-    params = init()
+# The jitted programs of a run, built once per setup in a process: another run of the same setup
+# (a resumed run, a sweep in a notebook, a test) traces, lowers and compiles none of them again,
+# since jax keeps compiled programs per function object. Every argument is a hashable config.
+@dataclasses.dataclass(frozen=True)
+class StatePrograms:
+    init: Callable  # () -> every param of the model, fresh, laid out on the mesh
+    full_sharding: dict  # every param's sharding
+    p_sharding: dict  # the trainable params' shardings
+    opt_init: Callable  # trainable params -> optimizer state, laid out like them
+    o_sharding: Any
+    tx: Any  # the optax transformation
+
+
+@functools.lru_cache(maxsize=4)
+def _state_programs(model_cfg: ModelConfig, mesh, method: str, optim, steps: int, seed: int) -> StatePrograms:
+    full = param_shardings(model_cfg, mesh)
+    init = jax.jit(lambda: nnx.to_pure_dict(nnx.state(build_model(model_cfg, seed), nnx.Param)), out_shardings=full)
+    keep = trainable(method)  # the optimizer and the checkpoints hold the trainable params only
+    p_sharding, _ = tree.split(full, keep)
+    shapes, _ = tree.split(nnx.to_pure_dict(nnx.state(abstract_model(model_cfg), nnx.Param)), keep)
+    tx = make_optimizer(optim, steps)
+    o_sharding = like_params(jax.eval_shape(tx.init, shapes), p_sharding, mesh)
+    return StatePrograms(init, full, p_sharding, jax.jit(tx.init, out_shardings=o_sharding), o_sharding, tx)
+
+
+@functools.lru_cache(maxsize=4)
+def _step_programs(model_cfg: ModelConfig, mesh, method: str, optim, steps: int, seed: int, spec: StepSpec,
+                   fixed_graphdef):
+    """(train_step, eval_step); ``fixed_graphdef``: the teacher's or the DPO reference's, or None."""
+    s = _state_programs(model_cfg, mesh, method, optim, steps, seed)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    graphdef = model_graphdef(model_cfg)
+    train_step = make_train_step(graphdef, s.tx, spec, schedule(optim, steps),
+                                 dropout=model_cfg.dropout > 0 or model_cfg.attention_dropout > 0,
+                                 state_sharding={"params": s.p_sharding, "opt_state": s.o_sharding, "step": replicated},
+                                 fixed_graphdef=fixed_graphdef)
+    return train_step, make_eval_step(graphdef, spec, fixed_graphdef)
+
+
+def _init_params(cfg: Config, model_cfg: ModelConfig, programs: StatePrograms, base_params):
+    """(trainable params, frozen params or None), created straight into the mesh layout (the full
+    model never sits on one device), the base model's weights replacing the fresh ones where it has
+    them (new adapters stay as initialised)."""
+    params = programs.init()
     if base_params is not None:
         params = tree.overlay(params, base_params)
         if cfg.adapt.method == "prompt":  # a soft prompt starts as the embeddings of random tokens
             ids = np.random.default_rng(cfg.train.seed).integers(0, model_cfg.vocab_size, model_cfg.prompt_length)
             params["prompt"] = jnp.take(params["embed"]["tokens"]["embedding"], jnp.asarray(ids), axis=0)
-        params = jax.device_put(params, p_sharding)
-    # The optimizer and the checkpoints hold the trainable parameters only.
-    keep = trainable(cfg.adapt.method)
-    params, frozen = tree.split(params, keep)
-    p_sharding, _ = tree.split(p_sharding, keep)
-    return params, frozen or None, p_sharding
+        params = jax.device_put(params, programs.full_sharding)
+    params, frozen = tree.split(params, trainable(cfg.adapt.method))
+    return params, frozen or None
 
 
 def _intact_step(ckpts: TrainCheckpoints, log) -> int:

@@ -196,10 +196,10 @@ def _build(cfg: Config, log, base_params, tokenizer, class_rows, template, mesh)
                     tokenizer.special_ids, cfg.train.mlm_prob, dc.temperature, dc.alpha, dc.attention_weight,
                     teacher[2] if teacher else (), segments_eos=tokenizer.eos_id if segments else None,
                     beta=cfg.dpo.beta, sft_weight=cfg.dpo.sft_weight)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     train_step, eval_step = _step_programs(model_cfg, mesh, cfg.adapt.method, cfg.optim, cfg.train.steps,
                                            cfg.train.seed, spec, fixed and fixed[0])
-    state = {"params": params, "opt_state": opt_state, "step": jax.device_put(jnp.int32(start), replicated)}
+    step = jax.device_put(jnp.int32(start), state_programs.state_sharding["step"])
+    state = {"params": params, "opt_state": opt_state, "step": step}
     fixed_params = fixed and fixed[1]
     if objective == "dpo":
         eval_step = functools.partial(eval_step, fixed_params=fixed_params)
@@ -320,9 +320,8 @@ def _teacher(cfg: Config, mesh, log):
 class StatePrograms:
     init: Callable  # () -> every param of the model, fresh, laid out on the mesh
     full_sharding: dict  # every param's sharding
-    p_sharding: dict  # the trainable params' shardings
     opt_init: Callable  # trainable params -> optimizer state, laid out like them
-    o_sharding: Any
+    state_sharding: dict  # the train state's: {"params": trainable params', "opt_state": ..., "step": replicated}
     tx: Any  # the optax transformation
 
 
@@ -335,7 +334,9 @@ def _state_programs(model_cfg: ModelConfig, mesh, method: str, optim, steps: int
     shapes, _ = tree.split(nnx.to_pure_dict(nnx.state(abstract_model(model_cfg), nnx.Param)), keep)
     tx = make_optimizer(optim, steps)
     o_sharding = like_params(jax.eval_shape(tx.init, shapes), p_sharding, mesh)
-    return StatePrograms(init, full, p_sharding, jax.jit(tx.init, out_shardings=o_sharding), o_sharding, tx)
+    state_sharding = {"params": p_sharding, "opt_state": o_sharding,
+                      "step": jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())}
+    return StatePrograms(init, full, jax.jit(tx.init, out_shardings=o_sharding), state_sharding, tx)
 
 
 @functools.lru_cache(maxsize=4)
@@ -343,12 +344,10 @@ def _step_programs(model_cfg: ModelConfig, mesh, method: str, optim, steps: int,
                    fixed_graphdef):
     """(train_step, eval_step); ``fixed_graphdef``: the teacher's or the DPO reference's, or None."""
     s = _state_programs(model_cfg, mesh, method, optim, steps, seed)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     graphdef = model_graphdef(model_cfg)
     train_step = make_train_step(graphdef, s.tx, spec, schedule(optim, steps),
                                  dropout=model_cfg.dropout > 0 or model_cfg.attention_dropout > 0,
-                                 state_sharding={"params": s.p_sharding, "opt_state": s.o_sharding, "step": replicated},
-                                 fixed_graphdef=fixed_graphdef)
+                                 state_sharding=s.state_sharding, fixed_graphdef=fixed_graphdef)
     return train_step, make_eval_step(graphdef, spec, fixed_graphdef)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import numbers
 from pathlib import Path
 
 import jax
@@ -13,11 +14,16 @@ from flax import nnx
 
 from jaxlm.classify import ClassRows
 from jaxlm.config import RUNTIME_FIELDS, MeshConfig, ModelConfig
-from jaxlm.generate import Sampling, check_request, generate_ids, integer
+from jaxlm.generate import generate_ids
 from jaxlm.io import read_model, save_model
+from jaxlm.sampling import Sampling, end_ids
 from jaxlm.sharding import check_model_fits, make_mesh, param_shardings
 from jaxlm.speculative import DEFAULT_K, MAX_K, speculate_ids
 from jaxlm.transformer import model_graphdef, params_for
+
+
+# lm.generate's names for Sampling's fields, in its error messages.
+GENERATE_NAMES = {"max_tokens": "max_new_tokens", "n": "num_return_sequences"}
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "output"))
@@ -45,8 +51,19 @@ class LM:
             check_model_fits(config, mesh)
             self.params = jax.device_put(self.params, param_shardings(config, mesh))
 
-    def _on_mesh(self):
+    def on_mesh(self):
+        """A context in which this model's programs run on its mesh (a no-op on one device)."""
         return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+
+    @property
+    def eos_id(self) -> int | None:
+        """The token that ends a generated sequence (the config's, else the tokenizer's; None: none)."""
+        return end_ids(self.config, self.tokenizer)[0]
+
+    @property
+    def pad_id(self) -> int:
+        """The id that fills a generated row after its end (and pads prompts)."""
+        return end_ids(self.config, self.tokenizer)[1]
 
     def __repr__(self):
         n = sum(x.size for x in jax.tree.leaves(self.params))
@@ -82,7 +99,7 @@ class LM:
 
     def logits(self, input_ids, attention_mask=None, token_type_ids=None):
         """Float32 logits: [B, T, V] next-token (decoder) or MLM (encoder); [B, C] for classifiers."""
-        with self._on_mesh():
+        with self.on_mesh():
             return _apply(self.graphdef, self.params, *self._inputs(input_ids, attention_mask, token_type_ids),
                           "logits")
 
@@ -99,7 +116,7 @@ class LM:
 
     def hidden_states(self, input_ids, attention_mask=None, token_type_ids=None):
         """Final hidden states [B, T, D] (HF's last_hidden_state)."""
-        with self._on_mesh():
+        with self.on_mesh():
             return _apply(self.graphdef, self.params, *self._inputs(input_ids, attention_mask, token_type_ids),
                           "hidden")
 
@@ -140,19 +157,16 @@ class LM:
         for i, r in enumerate(rows):
             if not r:
                 raise ValueError(f"prompt {i} is empty: give at least one token")
-        check_request(max_new_tokens, num_return_sequences, Sampling(temperature, top_k, top_p), cfg.vocab_size, seed)
-        sampling = Sampling(float(temperature), int(top_k), float(top_p))
+        sampling = Sampling(temperature, top_k, top_p, max_new_tokens, num_return_sequences, seed).check(
+            cfg.vocab_size, names=GENERATE_NAMES)
         longest = max(len(r) for r in rows)
         if longest + max_new_tokens > cfg.context:
             raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the "
                              f"model's context of {cfg.context} tokens")
-        proposer, k = self._proposer(draft, speculate_k, longest + max_new_tokens)
-        tok = self.tokenizer
-        eos = cfg.eos_token_id if cfg.eos_token_id is not None else (tok.eos_id if tok is not None else None)
-        pad = next(i for i in (cfg.pad_token_id, eos, 0) if i is not None)
-        kw = dict(max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
-                  num_return_sequences=num_return_sequences, eos_id=eos, pad_id=pad, on_token=on_token)
-        with self._on_mesh():
+        proposer, k = self.proposer(draft, speculate_k, longest + max_new_tokens)
+        eos, pad = self.eos_id, self.pad_id
+        kw = dict(sampling=sampling, eos_id=eos, pad_id=pad, on_token=on_token)
+        with self.on_mesh():
             if k:
                 new, self.last_speculation = speculate_ids(self.graphdef, self.params, cfg, rows, draft=proposer,
                                                            k=k, **kw)
@@ -166,14 +180,16 @@ class LM:
             return np.concatenate([head, new], axis=1)
         return [self.continuation(row, stop)[0] for row in new]
 
-    def _proposer(self, draft, speculate_k, length: int, length_name: str | None = None):
+    def proposer(self, draft, speculate_k, length: int, length_name: str | None = None):
         """(draft (graphdef, params) or None for prompt lookup, K); K = 0: no speculation. ``length``:
         the tokens the draft must hold (prompt and new ones, or the server's ``length_name``)."""
         if draft is None:
             if speculate_k is not None:
                 raise ValueError("speculate_k needs a draft: pass draft=LM, a model path or 'prompt_lookup'")
             return None, 0
-        k = integer("speculate_k", DEFAULT_K if speculate_k is None else speculate_k)
+        k = DEFAULT_K if speculate_k is None else speculate_k
+        if not isinstance(k, numbers.Integral) or isinstance(k, bool):
+            raise ValueError(f"speculate_k={k!r} must be an integer")
         limit = min(MAX_K, self.config.context - 1)
         if not 1 <= k <= limit:
             raise ValueError(f"speculate_k={k} must be in [1, {limit}] (the target's context is "
@@ -221,7 +237,7 @@ class LM:
     def continuation(self, new_ids, stop=None) -> tuple[str, list[int]]:
         """(text, ids) of generated ids cut before EOS, the text also before the first stop string."""
         ids = [int(i) for i in new_ids]
-        eos = self.config.eos_token_id if self.config.eos_token_id is not None else self.tokenizer.eos_id
+        eos = self.eos_id
         if eos is not None and eos in ids:
             ids = ids[:ids.index(eos)]
         text = self.tokenizer.decode(ids)

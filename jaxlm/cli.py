@@ -37,12 +37,14 @@ def cmd_generate(args) -> int:
     import json
 
     import jaxlm
-    from jaxlm.generate import Sampling, check_request
+    from jaxlm.api import GENERATE_NAMES
+    from jaxlm.sampling import Sampling
     from jaxlm.speculative import DEFAULT_K
 
     mesh = _mesh_overrides("generate", args.overrides)
     # Bad settings fail at once, not after loading the model.
-    check_request(args.max_new_tokens, args.num_return_sequences, Sampling(args.temperature, args.top_k, args.top_p))
+    Sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens, args.num_return_sequences,
+             args.seed).check(names=GENERATE_NAMES)
     _check_speculation(args)
     lm = jaxlm.load(args.model, mesh=mesh)
     if lm.tokenizer is None:

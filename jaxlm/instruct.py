@@ -88,7 +88,7 @@ class Renderer:
 
     def __init__(self, tokenizer, template: str | None):
         self.tok, self.template = tokenizer, template
-        self.special = dict(getattr(tokenizer, "special_tokens", {}) or {})
+        self.special = dict(tokenizer.special_tokens)
         self.eos = tokenizer.eos_id
 
     def chat_pieces(self, messages, where: str, learn_from: int = 0) -> list[tuple[str, bool]]:
@@ -293,7 +293,7 @@ def chat_template(data_cfg, tokenizer) -> str | None:
         if not p.is_file():
             raise FileNotFoundError(f"data.chat_template={data_cfg.chat_template} does not exist")
         return p.read_text(encoding="utf-8")
-    return getattr(tokenizer, "chat_template", None)
+    return tokenizer.chat_template
 
 
 _STATEMENT_FIELDS = frozenset({"body", "handlers", "orelse", "finalbody", "cases"})

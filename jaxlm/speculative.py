@@ -30,9 +30,8 @@ import numpy as np
 from flax import nnx
 
 from jaxlm import kernels
-from jaxlm.generate import (Sampling, filter_logits, init_cache, inverse_cdf, next_token, prompt_batch,
-                            sampling_rows)
-from jaxlm.transformer import positions_from_mask
+from jaxlm.generate import STREAMS, Rows, cache_slots, key_valid, positions_at, prefill, prompt_batch
+from jaxlm.sampling import Sampling, filter_logits, inverse_cdf, next_token, sampling_rows, token_logprobs
 
 LOOKUP_NGRAM = 3  # prompt lookup matches the last 3 tokens, then 2, then 1
 DEFAULT_K = 4  # proposals per round when none is given
@@ -98,30 +97,6 @@ def row_probs(logits, temperature, top_k, top_p):
         return jnp.where(sampled, soft, greedy)
 
     return jax.lax.cond(jnp.all(temperature == 0), lambda: greedy, mixed)
-
-
-def draft_proposals(draft, d_cache, valid, first, at, pick, k: int):
-    """A draft model's K proposals of a round: (proposals [B, K], the distributions they were drawn
-    from [B, K, V] (None when ``pick`` gives none), the draft's cache).
-
-    first: (ids [B, 2], positions [B, 2], cache slot [B]) of the pending token and the one before
-    it (a fully accepted round left that one unwritten); at(j): (positions [B, 1], cache slot [B])
-    of proposal j; pick(logits [B, V], j): (proposal j [B], its distribution [B, V] or None). K - 1
-    fed steps, then the K-th proposal from the last logits (its keys are written next round)."""
-    h, d_cache = draft.decode(*first[:2], d_cache, first[2], valid)
-    logits = draft.head(h[:, -1:])[:, 0]
-
-    def step(carry, j):
-        logits, d_cache = carry
-        tok, q = pick(logits, j)
-        pos, slot = at(j)
-        h, d_cache = draft.decode(tok[:, None], pos, d_cache, slot, valid)
-        return (draft.head(h)[:, 0], d_cache), (tok, q)
-
-    (logits, d_cache), (toks, qs) = jax.lax.scan(step, (logits, d_cache), jnp.arange(k - 1))
-    last, q = pick(logits, k - 1)
-    toks = jnp.concatenate([jnp.moveaxis(toks, 0, 1), last[:, None]], 1)
-    return toks, None if q is None else jnp.concatenate([jnp.moveaxis(qs, 0, 1), q[:, None]], 1), d_cache
 
 
 def round_block(d, a, x):
@@ -192,126 +167,147 @@ def prompt_lookup(hist, start, end, k: int, ngram: int = LOOKUP_NGRAM):
     return _take(hist, idx)
 
 
-def _speculate(t_graph, t_params, d_graph, d_params, prompt, prompt_mask, row_keys, active, rows, *, max_new: int,
-               k: int, greedy: bool, eos_id, pad_id: int, stream: bool):
+def _clamp(pos, model):
+    """Positions past the model's context occur only for overshoot tokens (never committed)."""
+    return jnp.minimum(pos, model.config.max_len - 1)
+
+
+def draft_proposals(draft, d_cache, hist, slot, first, shift, rows, keys, k: int, greedy: bool):
+    """A draft model's K proposals after each row's pending token: (proposals [B, K], the
+    distributions they were drawn from [B, K, V] (one-hot for greedy rows; None in a ``greedy``
+    program), the draft's cache). hist, slot, first: the target's (``Rows``); ``shift``: the
+    draft's slot minus the target's (their soft prompts differ).
+
+    The token before the pending one is fed again (a fully accepted round left it unwritten), then
+    K - 1 proposals; the K-th comes from the last logits (its keys are written next round)."""
+    d_soft = draft.config.prompt_length
+    d_first = first + shift
+    valid = key_valid(d_first, d_soft, cache_slots(d_cache))
+
+    def feed(ids, t_slots, d_cache):  # ids at the target's slots t_slots [B, T]
+        pos = _clamp(positions_at(t_slots + shift, d_first, d_soft), draft)
+        h, d_cache = draft.decode(ids, pos, d_cache, t_slots[:, 0] + shift, valid)
+        return draft.head(h[:, -1:])[:, 0], d_cache
+
+    def pick(logits, j):
+        best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        if greedy:
+            return best, None
+        q = row_probs(logits, *rows)
+        return jnp.where(rows[0] > 0, inverse_cdf(q, proposal_uniform(keys, j)), best), q
+
+    def step(carry, j):
+        logits, d_cache = carry
+        tok, q = pick(logits, j)
+        logits, d_cache = feed(tok[:, None], (slot + 1 + j)[:, None], d_cache)
+        return (logits, d_cache), (tok, q)
+
+    idx = slot[:, None] - 1 + jnp.arange(2)
+    logits, d_cache = feed(_take(hist, idx), idx, d_cache)
+    (logits, d_cache), (toks, qs) = jax.lax.scan(step, (logits, d_cache), jnp.arange(k - 1))
+    last, q = pick(logits, k - 1)
+    toks = jnp.concatenate([jnp.moveaxis(toks, 0, 1), last[:, None]], 1)
+    return toks, None if q is None else jnp.concatenate([jnp.moveaxis(qs, 0, 1), q[:, None]], 1), d_cache
+
+
+def speculative_round(target, draft, state: Rows, active, *, k: int, greedy: bool):
+    """One round for every row of ``state`` (``Rows`` with ``hist``, per-row ``slot``; ``d_cache``
+    with a ``draft`` model, None: prompt lookup): (state, (tokens [B, K + 1], counts [B],
+    accepted proposals [B], log-probs [B, K + 1], top ids, top log-probs [B, K + 1, ...])). A row
+    commits tokens[b, :counts[b]] (0 where not ``active``), the first accepted[b] of them the
+    draft's; its slot and step advance by that much. Inactive rows run too and are ignored.
+    ``greedy`` (static): argmax verification, no sampling code; otherwise greedy and sampled rows
+    mix (a greedy row's distributions are one-hot, which makes the rule greedy verification)."""
+    slot, hist, step, first = state.slot, state.hist, state.step, state.first
+    b, soft = hist.shape[0], target.config.prompt_length
+    # Idle rows count as greedy: a finished sampled request must not keep the sampling path on.
+    rows = (jnp.where(active, state.temperature, 0.0), state.top_k, state.top_p)
+    k_draft, k_accept, k_final = round_keys(state.key, step)
+    d_cache = state.d_cache
+    if draft is None:
+        d, q = prompt_lookup(hist, first, slot + 1, k), None
+    else:
+        shift = draft.config.prompt_length - soft
+        d, q, d_cache = draft_proposals(draft, d_cache, hist, slot, first, shift, rows, k_draft, k, greedy)
+    idx = slot[:, None] + jnp.arange(k + 1)
+    ids = jnp.concatenate([_take(hist, slot[:, None]), d], axis=1)
+    h, cache = target.decode(ids, _clamp(positions_at(idx, first, soft), target), state.cache, slot,
+                             key_valid(first, soft, cache_slots(state.cache)))
+    logits = target.head(h)  # [B, K + 1, V]
+    if greedy:
+        best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        a = jnp.sum(jnp.cumprod(d == best[:, :k], axis=1), axis=1)
+        x = _take(best, a[:, None])[:, 0]
+    else:
+        a, x = accept(row_probs(logits, *rows), d, q, round_uniforms(k_accept, k), _uniform(k_final))
+    block = round_block(d, a, x)
+    hist = jax.vmap(lambda row, blk, at: jax.lax.dynamic_update_slice(row, blk, (at,)))(hist, block, slot + 1)
+    m = jnp.where(active, a + 1, 0)
+    want = jnp.repeat(state.want & active, k + 1)
+    lp, top_ids, top_lp = token_logprobs(logits.reshape(b * (k + 1), -1), block.reshape(-1), want)
+    state = state.replace(cache=cache, hist=hist, slot=slot + m, step=step + active, d_cache=d_cache,
+                          token=_take(block, a[:, None])[:, 0])
+    return state, (block, m, a, lp.reshape(b, k + 1), top_ids.reshape(b, k + 1, -1), top_lp.reshape(b, k + 1, -1))
+
+
+def _speculate(t_graph, t_params, d_graph, d_params, prompt, prompt_mask, row_keys, active, rows, stream_id, *,
+               max_new: int, k: int, greedy: bool, eos_id, pad_id: int, stream: bool):
     """prompt, prompt_mask: [B, P] (left padded); row_keys: [B]; active: [B] (False: bucket filler);
-    rows: ``sampling_rows`` (traced, as in plain generation).
+    rows: ``sampling_rows`` (traced, as in plain generation); stream_id: ``STREAMS``'s.
     ``d_graph`` None: prompt lookup. Returns (new tokens [B, N], pad after EOS; stats [4] int32)."""
     target = nnx.merge(t_graph, t_params)
     draft = None if d_graph is None else nnx.merge(d_graph, d_params)
     b, p = prompt.shape
-    width = max_new + k + 1
+    width = max_new + k + 1  # committed tokens and a round's overshoot
     arange = jnp.arange(k + 1)
-
-    # History: prompt then committed tokens, and each slot's position (before any soft prompt).
-    positions = positions_from_mask(prompt_mask)
-    hist = jnp.concatenate([prompt, jnp.full((b, width), pad_id, jnp.int32)], axis=1)
-    pos_hist = jnp.concatenate([positions, positions[:, -1:] + 1 + jnp.arange(width)], axis=1)
-    start = p - jnp.sum(prompt_mask, axis=1).astype(jnp.int32)  # first real prompt slot
-
-    def model_inputs(model, hist, idx):
-        """(ids, positions, slot of idx[:, 0]) of history slots idx [B, T] for ``model``, whose soft
-        prompt (if any) shifts its cache slots and positions; positions past the context only occur
-        for overshoot tokens that are never committed, and are clamped."""
-        soft = model.config.prompt_length
-        pos = jnp.minimum(_take(pos_hist, idx) + soft, model.config.max_len - 1)
-        return _take(hist, idx), pos, idx[:, 0] + soft
-
-    def prefill(model):
-        soft = model.config.prompt_length
-        cache = init_cache(model.config, b, soft + p + width)
-        valid = jnp.concatenate([jnp.ones((b, soft), bool), prompt_mask, jnp.ones((b, width), bool)], axis=1)
-        h, cache = model.decode(prompt, positions + soft, cache, 0, valid, prefill=True)
-        return h, cache, valid
-
-    h, t_cache, t_valid = prefill(target)
-    first = next_token(target.head(h[:, -1:])[:, 0], _fold(row_keys, 0), rows, greedy)  # as plain generation does
+    soft = target.config.prompt_length
+    pre = prefill(target, prompt, prompt_mask, soft + p + width)
+    first = next_token(pre.logits, _fold(row_keys, 0), rows, greedy)  # as plain generation does
+    d_cache = None
     if draft is not None:
-        _, d_cache, d_valid = prefill(draft)
-    else:
-        d_cache, d_valid = None, None
+        d_cache = prefill(draft, prompt, prompt_mask, draft.config.prompt_length + p + width).cache
 
     done = ~active
     first = jnp.where(done, pad_id, first)
-    hist = hist.at[:, p].set(first)
+    hist = jnp.full((b, soft + p + width), pad_id, jnp.int32).at[:, soft:soft + p].set(prompt).at[:, soft + p].set(first)
+    out = jnp.full((b, width), pad_id, jnp.int32).at[:, 0].set(first)
     n = jnp.where(done, 0, 1).astype(jnp.int32)
     if eos_id is not None:
         done = done | (first == eos_id)
     done = done | (n >= max_new)
     if stream:
-        jax.debug.callback(_stream_callback, jnp.zeros((b,), jnp.int32), first[:, None], n, done, ordered=True)
+        STREAMS.emit(stream_id, jnp.zeros((b,), jnp.int32), first[:, None], n, done)
+    state = Rows(cache=pre.cache, slot=pre.slot, first=pre.first, token=first, step=jnp.ones((b,), jnp.int32),
+                 key=row_keys, temperature=rows[0], top_k=rows[1], top_p=rows[2], want=jnp.zeros((b,), bool),
+                 hist=hist, d_cache=d_cache)
 
-    def propose(i, hist, n, d_cache, keys):
-        """(proposals [B, K], their distributions [B, K, V] or None (greedy / one-hot), d_cache)."""
-        pend = p + n - 1
-        if draft is None:
-            return prompt_lookup(hist, start, p + n, k), None, d_cache
-
-        def pick(logits, j):
-            """The j-th proposal [B] and the draft's distribution it was drawn from [B, V] (None: greedy)."""
-            if greedy:
-                return jnp.argmax(logits, axis=-1).astype(jnp.int32), None
-            q = _filtered_probs(logits, rows)
-            return inverse_cdf(q, proposal_uniform(keys, j)), q
-
-        def at(j):
-            return model_inputs(draft, hist, (pend + 1 + j)[:, None])[1:]
-
-        first = model_inputs(draft, hist, pend[:, None] - 1 + jnp.arange(2))
-        return draft_proposals(draft, d_cache, d_valid, first, at, pick, k)
-
-    def body(state):
-        i, hist, n, done, t_cache, d_cache, stats = state
-        k_draft, k_accept, k_final = round_keys(row_keys, i)
-        d, q, d_cache = propose(i, hist, n, d_cache, k_draft)
-        pend = p + n - 1
-        ids, pos, slot = model_inputs(target, hist, pend[:, None] + arange)
-        ids = jnp.concatenate([ids[:, :1], d], axis=1)
-        h, t_cache = target.decode(ids, pos, t_cache, slot, t_valid)
-        logits = target.head(h)  # [B, K + 1, V]
-
-        if greedy:
-            best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-            ok = d == best[:, :k]
-            a = jnp.sum(jnp.cumprod(ok, axis=1), axis=1)
-            x = _take(best, a[:, None])[:, 0]
-        else:
-            a, x = accept(_filtered_probs(logits, rows), d, q, round_uniforms(k_accept, k), _uniform(k_final))
-
-        cand = round_block(d, a, x)
+    def body(carry):
+        state, n, done, out, stats = carry
+        state, (cand, _, a, *_) = speculative_round(target, draft, state, ~done, k=k, greedy=greedy)
         m = jnp.minimum(a + 1, max_new - n)
+        hit = jnp.zeros_like(done)
         if eos_id is not None:
             is_eos = (cand == eos_id) & (arange < m[:, None])
-            m = jnp.where(jnp.any(is_eos, 1), jnp.argmax(is_eos, 1) + 1, m)
             hit = jnp.any(is_eos, 1)
-        else:
-            hit = jnp.zeros_like(done)
+            m = jnp.where(hit, jnp.argmax(is_eos, 1) + 1, m)
         m = jnp.where(done, 0, m)
         block = jnp.where(arange < m[:, None], cand, pad_id)
-        hist = jax.vmap(lambda hrow, blk, at: jax.lax.dynamic_update_slice(hrow, blk, (at,)))(hist, block, p + n)
+        out = jax.vmap(lambda row, blk, at: jax.lax.dynamic_update_slice(row, blk, (at,)))(out, block, n)
+        ended = done | hit | (n + m >= max_new)
         if stream:
-            jax.debug.callback(_stream_callback, n, block, m, done | hit | (n + m >= max_new), ordered=True)
+            STREAMS.emit(stream_id, n, block, m, ended)
         live = ~done
         stats = stats + jnp.stack([jnp.sum(jnp.where(live, k, 0)), jnp.sum(jnp.where(live, jnp.minimum(a, m), 0)),
                                    jnp.sum(live), jnp.sum(m)]).astype(jnp.int32)
-        n = n + m
-        done = done | hit | (n >= max_new)
-        return i + 1, hist, n, done, t_cache, d_cache, stats
+        return state, n + m, ended, out, stats
 
-    state = (jnp.int32(1), hist, n, done, t_cache, d_cache, jnp.zeros((4,), jnp.int32))
-    state = jax.lax.while_loop(lambda s: ~jnp.all(s[3]), body, state)
-    hist, stats = state[1], state[6]
-    return hist[:, p:p + max_new], stats
+    carry = (state, n, done, out, jnp.zeros((4,), jnp.int32))
+    _, _, _, out, stats = jax.lax.while_loop(lambda c: ~jnp.all(c[2]), body, carry)
+    return out[:, :max_new], stats
 
 
 _speculate_jit = kernels.jit(_speculate, static_argnames=("t_graph", "d_graph", "max_new", "k", "greedy",
                                                           "eos_id", "pad_id", "stream"))
-_stream_sink = []  # the callback of the streaming call in progress (one at a time)
-
-
-def _stream_callback(n, block, m, done):
-    if _stream_sink:
-        _stream_sink[-1](np.asarray(n), np.asarray(block), np.asarray(m), np.asarray(done))
 
 
 class _Steps:
@@ -338,27 +334,23 @@ class _Steps:
             self.sent += 1
 
 
-def speculate_ids(t_graph, t_params, t_config, rows, *, draft, k: int, max_new_tokens: int, sampling: Sampling,
-                  seed: int, num_return_sequences: int = 1, eos_id=None, pad_id: int = 0, on_token=None):
-    """New tokens [len(rows) * n, max_new_tokens] and ``SpeculationStats``, like
+def speculate_ids(t_graph, t_params, t_config, rows, *, draft, k: int, sampling: Sampling, eos_id=None,
+                  pad_id: int = 0, on_token=None):
+    """New tokens [len(rows) * n, sampling.max_tokens] and ``SpeculationStats``, like
     ``generate.generate_ids``; ``draft``: (graphdef, params) of the draft model, or None for
     prompt lookup."""
-    batch, n_rows = prompt_batch(t_config, rows, num_return_sequences, max_new_tokens, pad_id, seed)
+    batch, n_rows = prompt_batch(t_config, rows, sampling, pad_id)
     d_graph, d_params = draft if draft is not None else (None, None)
-    if on_token is not None:
-        _stream_sink.append(_Steps(on_token, n_rows, pad_id))
-    try:
+    with STREAMS.open(on_token and _Steps(on_token, n_rows, pad_id)) as stream_id:
         out, stats = _speculate_jit(t_graph, t_params, d_graph, d_params, *batch,
-                                    sampling_rows(sampling, len(batch[0])), max_new=max_new_tokens, k=k,
-                                    greedy=sampling.greedy, eos_id=eos_id, pad_id=pad_id, stream=on_token is not None,
+                                    sampling_rows(sampling, len(batch[0])), jnp.int32(stream_id or 0),
+                                    max_new=sampling.max_tokens, k=k, greedy=sampling.greedy, eos_id=eos_id,
+                                    pad_id=pad_id, stream=stream_id is not None,
                                     use_kernels=kernels.on_one_cpu((t_params, d_params)))
         out, stats = np.asarray(out), [int(s) for s in np.asarray(stats)]
-    finally:
-        if on_token is not None:
-            _stream_sink.pop()
     return out[:n_rows], SpeculationStats(*stats)
 
 
 def compiled_programs() -> int:
     """How many speculative programs have been compiled in this process."""
-    return _speculate_jit._cache_size()
+    return kernels.compiled_programs(_speculate_jit)

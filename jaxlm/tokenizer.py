@@ -1,8 +1,8 @@
 """Tokenizers: byte-level (no files) and Hugging Face ``tokenizers`` BPE / WordPiece from a model dir.
 
 Both implement ``Tokenizer``: ``encode``, ``encode_batch``, ``decode``, ``vocab_size``, every
-special id (None where the tokenizer has no such token), ``special_ids``, ``fingerprint`` and
-``save(dir)``. Code above this module uses only that surface.
+special id (None where the tokenizer has no such token), ``special_ids``, the special tokens'
+texts (``special_tokens``), the ``chat_template`` (or None), ``fingerprint`` and ``save(dir)``. Code above this module uses only that surface.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "vocab.txt",
 
 class Tokenizer(Protocol):
     vocab_size: int
+    chat_template: str | None  # a Jinja chat template (jaxlm.chat), or None
+    special_tokens: dict[str, str]  # e.g. {"eos_token": "</s>", ...}: what chat templates name
     bos_id: int | None
     eos_id: int | None  # ends every document in packed training data; generation stops at it
     pad_id: int | None

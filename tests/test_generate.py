@@ -142,7 +142,7 @@ def test_filter_logits_keeps_the_rules_sets_on_both_paths():
     """Rows of mixed settings, with ties at the top-k threshold and at the top-p cut: each row's kept
     set is the reference's and the kept logits are logits / T, whether the batch is filtered among
     lax.top_k's 256 candidates (every top-k <= 256) or by bisection (a row of top_k 300 or top-p alone)."""
-    from jaxlm.generate import TOP_CANDIDATES, filter_logits
+    from jaxlm.sampling import TOP_CANDIDATES, filter_logits
 
     rng = np.random.default_rng(0)
     v = 1000
@@ -259,3 +259,81 @@ def test_bad_input(lm, kwargs, message):
 def test_sampling_check_is_static_and_hashable():
     assert hash(Sampling(0.7, 20, 0.9)) == hash(Sampling(0.7, 20, 0.9))
     assert jax.tree.leaves(Sampling()) == [Sampling()]  # a static argument, not a pytree of arrays
+
+
+def _padded(rows, p, side):
+    ids, mask = np.zeros((len(rows), p), np.int32), np.zeros((len(rows), p), bool)
+    for i, r in enumerate(rows):
+        at = slice(p - len(r), p) if side == "left" else slice(0, len(r))
+        ids[i, at], mask[i, at] = r, True
+    return jnp.asarray(ids), jnp.asarray(mask)
+
+
+def test_prefill_scores_the_prompt_left_or_right_padded(lm):
+    """generate.prefill (the one prefill of lm.generate, the engine and speculative decoding):
+    on left-padded rows (as lm.generate batches prompts) and right-padded ones (as the engine
+    buckets a prompt), the next-token logits and the prompt's log-probabilities equal the full
+    forward's (log-softmax in float64), and the slots say where each row's text starts and goes on."""
+    from jaxlm.generate import prefill
+
+    rows = [lm.tokenizer.encode(p) for p in PROMPTS]
+    run = jax.jit(lambda params, ids, mask: prefill(nnx.merge(lm.graphdef, params), ids, mask, 20,
+                                                    prompt_logprobs=True))
+    for side in ("left", "right"):
+        pre = run(lm.params, *_padded(rows, 16, side))
+        for i, r in enumerate(rows):
+            logits = np.asarray(lm.logits([r]))[0].astype(np.float64)
+            lp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+                - logits.max(-1, keepdims=True)
+            want = lp[np.arange(len(r) - 1), r[1:]]
+            start = 16 - len(r) if side == "left" else 0
+            got = np.asarray(pre.prompt_logprobs[i])
+            np.testing.assert_allclose(got[start + 1:start + len(r)], want, atol=2e-5, err_msg=side)
+            assert (got[:start + 1] == 0).all() and (got[start + len(r):] == 0).all()
+            np.testing.assert_allclose(np.asarray(pre.logits[i]), logits[-1], atol=1e-4)
+            assert (int(pre.first[i]), int(pre.slot[i])) == (start, start + len(r))
+
+
+def test_decode_step_draws_only_the_tokens_a_rows_bitmask_allows(lm):
+    """The per-row token mask of the decode step (what constrained decoding fills): a constrained
+    greedy row takes the argmax over its allowed tokens (checked against the full forward), a
+    constrained sampled row draws only allowed tokens, and unconstrained rows beside them draw
+    exactly what they draw with no mask at all."""
+    from jaxlm.generate import Rows, decode_step, prefill
+    from jaxlm.sampling import allow_all
+
+    v = lm.config.vocab_size
+    rng = np.random.default_rng(0)
+    allowed = np.sort(rng.choice(v, 7, replace=False))
+    bitmask = np.asarray(allow_all(4, v)).copy()
+    for r in (0, 2):  # rows 0 (greedy) and 2 (sampled) constrained; 1 (greedy) and 3 (sampled) free
+        bitmask[r] = 0
+        for t in allowed:
+            bitmask[r, t // 32] |= np.uint32(1 << (t % 32))
+    prompts = [lm.tokenizer.encode(PROMPTS[i % 3]) for i in range(4)]
+    ids, mask = _padded(prompts, 16, "left")
+    temperature = jnp.asarray([0.0, 0.0, 1.0, 1.0])
+
+    @jax.jit
+    def run(params, bitmask):
+        model = nnx.merge(lm.graphdef, params)
+        pre = prefill(model, ids, mask, 16 + 8)
+        state = Rows(cache=pre.cache, slot=pre.slot, first=pre.first, token=jnp.argmax(pre.logits, -1).astype(jnp.int32),
+                     step=jnp.ones(4, jnp.int32), key=jax.random.split(jax.random.key(3), 4), temperature=temperature,
+                     top_k=jnp.zeros(4, jnp.int32), top_p=jnp.ones(4), want=jnp.zeros(4, bool), bitmask=bitmask)
+        out = []
+        for _ in range(6):
+            state, (tok, *_) = decode_step(model, state, jnp.ones(4, bool), greedy=False)
+            out.append(tok)
+        return state.token, jnp.stack(out, 1), pre.logits
+
+    _, masked, first_logits = run(lm.params, jnp.asarray(bitmask))
+    _, free, _ = run(lm.params, None)
+    masked, free = np.asarray(masked), np.asarray(free)
+    np.testing.assert_array_equal(masked[[1, 3]], free[[1, 3]])
+    assert np.isin(masked[[0, 2]], allowed).all() and not np.isin(free[[0, 2]], allowed).all()
+    seq = prompts[0] + [int(np.argmax(first_logits[0]))]
+    for tok in masked[0]:
+        logits = np.asarray(lm.logits([seq]))[0, -1]
+        assert tok == allowed[np.argmax(logits[allowed])]
+        seq.append(int(tok))

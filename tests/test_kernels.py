@@ -124,8 +124,8 @@ def test_decoding_with_kernels_gives_the_same_tokens(hf_dir):
         for b in (1, 8):
             rows = [list(rng.integers(1, 200, int(rng.integers(2, 12)))) for _ in range(b)]
             ids = {}
-            batch, n = generate.prompt_batch(lm.config, rows, 1, 24, 0, 0)
-            batch = (*batch, generate.sampling_rows(generate.Sampling(), len(batch[0])))
+            batch, n = generate.prompt_batch(lm.config, rows, generate.Sampling(max_tokens=24), 0)
+            batch = (*batch, generate.sampling_rows(generate.Sampling(), len(batch[0])), jnp.int32(0))
             args = dict(max_new=24, greedy=True, eos_id=None, pad_id=0, stream=False)
             for small in (False, True):
                 out = generate._generate_jit(lm.graphdef, lm.params, *batch, **args, use_kernels=small)

@@ -97,6 +97,13 @@ def jit(fn, *, static_argnames=(), **jit_kwargs):
     return jax.jit(traced, static_argnames=(*static_argnames, "use_kernels"), **jit_kwargs)
 
 
+def compiled_programs(jitted) -> int:
+    """How many programs a jitted function (``jit``'s, or ``jax.jit``'s) has compiled in this
+    process. jax has no public count: its private ``_cache_size()`` is read here and nowhere else
+    (the tests prove that new prompt lengths, sampling settings and runs compile nothing)."""
+    return jitted._cache_size()
+
+
 def on_one_cpu(tree) -> bool:
     """Whether every array in ``tree`` sits on one and the same CPU device."""
     devices = set()

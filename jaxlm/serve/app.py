@@ -14,12 +14,12 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from jaxlm.chat import render
-from jaxlm.generate import Sampling
+from jaxlm.sampling import SamplingError
 from jaxlm.serve.engine import Engine, QueueFull
 from jaxlm.serve.metrics import CONTENT_TYPE_LATEST, Metrics
 from jaxlm.serve.protocol import (
-    CHAT_FIELDS, COMPLETION_FIELDS, APIError, chat_logprobs, check_fields, completion_logprobs, new_id, now,
-    prompts_of, sampling_args, usage,
+    CHAT_FIELDS, COMPLETION_FIELDS, APIError, RequestSampling, chat_logprobs, check_fields, completion_logprobs,
+    new_id, now, prompts_of, sampling_of, usage,
 )
 
 MAX_BODY = 8 << 20  # bytes
@@ -37,7 +37,7 @@ def create_app(engine: Engine, *, model_name: str, chat_template: str | None = N
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        if engine._thread is None:
+        if not engine.started:
             engine.start()
         yield
         await asyncio.get_running_loop().run_in_executor(None, engine.stop, drain_timeout)
@@ -74,23 +74,25 @@ def create_app(engine: Engine, *, model_name: str, chat_template: str | None = N
             raise APIError(400, "this model has no tokenizer: send prompts as token ids", param="prompt")
         return tokenizer.encode(prompt, add_special_tokens=False)
 
-    def submit_all(rows: list[list[int]], args: dict, on_event) -> list:
+    def submit_all(rows: list[list[int]], request: RequestSampling, on_event) -> list:
         """Check every prompt first (nothing is queued if one is bad), then queue them all."""
-        sampling = Sampling(args["temperature"], args["top_k"], args["top_p"])
+        sampling = request.sampling
         for ids in rows:
             try:
-                engine.check(len(ids), args["max_tokens"] or 1, sampling, args["n"])
+                sampling = engine.check(len(ids), request.sampling, request.names)
+            except SamplingError as e:
+                long = "does not fit" in str(e)
+                raise APIError(400, str(e), param=e.param, code="context_length_exceeded" if long else None) from None
             except ValueError as e:
-                long = "prompt has" in str(e) or "does not fit" in str(e)
-                raise APIError(400, str(e), code="context_length_exceeded" if long else None) from None
+                raise APIError(400, str(e), code="context_length_exceeded" if "prompt has" in str(e) else None) from None
         requests = []
         try:
             for i, ids in enumerate(rows):
-                requests.append(engine.submit(ids, **args, on_event=lambda e, i=i: on_event(i, e)))
+                requests.append(engine.submit(ids, sampling, on_event=lambda e, i=i: on_event(i, e)))
         except QueueFull as e:
             for r in requests:
                 r.cancel()
-            closing = engine._closing
+            closing = engine.closing
             raise APIError(503 if closing else 429, str(e), kind="server_error" if closing else "rate_limit_error",
                            headers={} if closing else {"Retry-After": "1"}) from None
         except ValueError as e:
@@ -101,12 +103,14 @@ def create_app(engine: Engine, *, model_name: str, chat_template: str | None = N
             raise APIError(503, str(e), kind="server_error") from None
         return requests
 
-    async def run(endpoint: str, request: Request, body: dict, rows: list[list[int]], args: dict, chat: bool):
+    async def run(endpoint: str, request: Request, body: dict, rows: list[list[int]], asked: RequestSampling,
+                  chat: bool):
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        requests = submit_all(rows, args, lambda i, e: loop.call_soon_threadsafe(events.put_nowait, (i, e)))
+        requests = submit_all(rows, asked, lambda i, e: loop.call_soon_threadsafe(events.put_nowait, (i, e)))
         metrics.prompt_tokens.inc(sum(len(r) for r in rows))
-        n, total = args["n"], len(rows) * args["n"]
+        n = requests[0].n
+        total = len(rows) * n
         rid, model = new_id("chatcmpl" if chat else "cmpl"), model_name
         kind = "chat.completion" if chat else "text_completion"
 
@@ -205,14 +209,14 @@ def create_app(engine: Engine, *, model_name: str, chat_template: str | None = N
                 body = await read_body(request)
                 check_fields(body, fields)
                 check_model(body)
-                rows, args = prepare(body)
-                return await run(path, request, body, rows, args, chat=fields is CHAT_FIELDS)
+                rows, asked = prepare(body)
+                return await run(path, request, body, rows, asked, chat=fields is CHAT_FIELDS)
             except APIError as e:
                 return error(path, e)
         return handle
 
     def completion_rows(body: dict):
-        return [encode(p) for p in prompts_of(body)], sampling_args(body, chat=False, default_max_tokens=16)
+        return [encode(p) for p in prompts_of(body)], sampling_of(body, chat=False, default_max_tokens=16)
 
     def chat_rows(body: dict):
         if template is None:
@@ -226,7 +230,7 @@ def create_app(engine: Engine, *, model_name: str, chat_template: str | None = N
             raise APIError(400, str(e), param="messages") from None
         ids = tokenizer.encode(text, add_special_tokens=False)
         room = engine.max_len - engine.lm.config.prompt_length - len(ids)
-        return [ids], sampling_args(body, chat=True, default_max_tokens=max(room, 1))
+        return [ids], sampling_of(body, chat=True, default_max_tokens=max(room, 1))
 
     async def models(request: Request) -> Response:
         return answer("/v1/models", JSONResponse({"object": "list", "data": [
@@ -234,7 +238,7 @@ def create_app(engine: Engine, *, model_name: str, chat_template: str | None = N
              "max_model_len": engine.max_len}]}))
 
     async def health(request: Request) -> Response:
-        ok = engine.error is None and engine._thread is not None and engine._thread.is_alive()
+        ok = engine.alive
         return JSONResponse({"status": "ok" if ok else "unavailable", "slots_in_use": engine.slots_in_use,
                              "queue_depth": engine.queue_depth}, status_code=200 if ok else 503)
 

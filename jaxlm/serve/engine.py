@@ -12,9 +12,13 @@ Choice j of a request with seed s samples token i with ``fold_in(fold_in(key(s),
 ``LM.generate`` gives row j of one prompt, so a request's tokens do not depend on what else runs
 beside it and equal ``lm.generate([prompt], ..., seed=s, num_return_sequences=n)``.
 
-With ``draft`` (a draft model or ``"prompt_lookup"``) and ``speculate_k`` K, each step is a
-speculative round (``serve.speculation``): a slot advances by 1 to K + 1 tokens, its tokens follow
-the model's own distribution exactly and equal ``lm.generate(..., draft=draft, speculate_k=K)``'s.
+The engine's state is the generation core's ``Rows`` (one row per slot, the pending token at
+slot ``slot``, the soft prompt in the first slots): prefill is ``generate.prefill``, a step is
+``generate.decode_step``. With ``draft`` (a draft model or ``"prompt_lookup"``) and
+``speculate_k`` K, each step is ``speculative.speculative_round`` instead: a slot advances by 1 to
+K + 1 tokens, its tokens follow the model's own distribution exactly and equal
+``lm.generate(..., draft=draft, speculate_k=K)``'s; the caches and the token history hold K + 2
+slots past ``max_len`` for a round's overshoot, whose tokens are never committed.
 
 Use it without HTTP::
 
@@ -40,8 +44,9 @@ import numpy as np
 from flax import nnx
 
 from jaxlm import kernels
-from jaxlm.generate import MAX_TOP_LOGPROBS, Sampling, bucket, init_cache, sample, token_logprobs
-from jaxlm.serve.speculation import speculative_step
+from jaxlm.generate import Rows, bucket, decode_step, init_cache, prefill
+from jaxlm.sampling import Sampling, SamplingError, sample, token_logprobs
+from jaxlm.speculative import speculative_round
 
 
 class QueueFull(RuntimeError):
@@ -81,11 +86,11 @@ class Request:
     """A submitted request. Consume it with ``events()`` (a blocking iterator) or ``result()``,
     unless it was submitted with ``on_event`` (called from the engine's thread for each event)."""
 
-    def __init__(self, ids, *, max_tokens: int, sampling: Sampling, seed: int, n: int, stop: tuple[str, ...],
-                 logprobs: int | None, on_event=None):
-        self.ids, self.max_tokens, self.sampling, self.seed, self.n = list(ids), max_tokens, sampling, seed, n
-        self.stop, self.logprobs = stop, logprobs
-        self.choices = [Choice(self, j) for j in range(n)]
+    def __init__(self, ids, sampling: Sampling, *, on_event=None):
+        self.ids, self.sampling = list(ids), sampling
+        self.max_tokens, self.seed, self.n = sampling.max_tokens, sampling.seed, sampling.n
+        self.stop, self.logprobs = sampling.stop, sampling.logprobs
+        self.choices = [Choice(self, j) for j in range(self.n)]
         self.submitted = time.perf_counter()
         self.first_token_time: float | None = None
         self.cancelled = False
@@ -96,6 +101,14 @@ class Request:
     @property
     def done(self) -> bool:
         return self._done.is_set()
+
+    def deliver(self, event: Event) -> None:
+        """Hand an event to the consumer (the engine's thread calls it)."""
+        self._on_event(event)
+
+    def finish(self) -> None:
+        """Mark the request done (once every choice has finished)."""
+        self._done.set()
 
     def cancel(self) -> None:
         """Stop generating (e.g. the client went away): its slots are freed before the next step."""
@@ -120,17 +133,11 @@ class Request:
 
 
 @functools.partial(kernels.jit, static_argnames=("graphdef",))
-def _prefill(graphdef, params, ids, length):
-    """ids [1, P] right-padded, ``length`` real tokens -> (the prompt's cache rows, in init_cache's
-    layout with P (+ soft prompt) slots, and the next-token logits [1, V] after the last real one)."""
+def _prefill(graphdef, params, ids, mask):
+    """ids [1, P] right-padded (``mask`` its real tokens) -> ``generate.prefill`` into P (+ soft
+    prompt) slots: the prompt's cache rows and the next-token logits."""
     model = nnx.merge(graphdef, params)
-    cfg = model.config
-    soft, p = cfg.prompt_length, ids.shape[1]
-    cache = init_cache(cfg, 1, soft + p)
-    key_valid = (jnp.arange(soft + p) < soft + length)[None]
-    h, cache = model.decode(ids, jnp.arange(p)[None] + soft, cache, 0, key_valid, prefill=True)
-    last = jax.lax.dynamic_slice_in_dim(h, length - 1, 1, axis=1)
-    return cache, model.head(last)[:, 0]
+    return prefill(model, ids, mask, model.config.prompt_length + ids.shape[1])
 
 
 def _put_rows(full, rows, slot):
@@ -142,40 +149,39 @@ def _put_rows(full, rows, slot):
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
-def _insert(state, rows, logits, slot, length, temperature, top_k, top_p, key, want, hist=None, d_rows=None):
-    """Start choice rows in ``slot``: copy the prompt's cache, sample its first token (index 0).
-    Speculative engines also pass the slot's token history (the prompt at its slots) and the
-    draft model's cache rows."""
+def _insert(state: Rows, pre, slot, temperature, top_k, top_p, key, want, hist=None, d_rows=None):
+    """Start a choice in ``slot``: copy the prompt's cache rows (``pre``, a ``Prefilled`` of one
+    row), draw its first token (index 0). Speculative engines also pass the slot's token history
+    (the prompt at its slots) and the draft model's cache rows."""
     t, k, p = temperature[None], top_k[None], top_p[None]
-    tok = sample(logits, jax.random.fold_in(key, 0)[None], t, k, p)
-    lp = token_logprobs(logits, tok, want[None])
+    tok = sample(pre.logits, jax.random.fold_in(key, 0)[None], t, k, p)
+    lp = token_logprobs(pre.logits, tok, want[None])
     at = lambda a, v: a.at[slot].set(v)  # noqa: E731
-    state = dict(state, cache=_put_rows(state["cache"], rows, slot), length=at(state["length"], length),
-                 token=at(state["token"], tok[0]), step=at(state["step"], 1),
-                 temperature=at(state["temperature"], temperature), top_k=at(state["top_k"], top_k),
-                 top_p=at(state["top_p"], top_p), key=at(state["key"], key), want=at(state["want"], want))
+    state = state.replace(cache=_put_rows(state.cache, pre.cache, slot), slot=at(state.slot, pre.slot[0]),
+                          first=at(state.first, pre.first[0]), token=at(state.token, tok[0]), step=at(state.step, 1),
+                          temperature=at(state.temperature, temperature), top_k=at(state.top_k, top_k),
+                          top_p=at(state.top_p, top_p), key=at(state.key, key), want=at(state.want, want))
     if hist is not None:
-        state["hist"] = at(state["hist"], hist.at[length].set(tok[0]))
+        state = state.replace(hist=at(state.hist, hist.at[pre.slot[0]].set(tok[0])))
     if d_rows is not None:
-        state["d_cache"] = _put_rows(state["d_cache"], d_rows, slot)
+        state = state.replace(d_cache=_put_rows(state.d_cache, d_rows, slot))
     return state, (tok, *lp)
 
 
 @functools.partial(kernels.jit, static_argnames=("graphdef",), donate_argnums=(2,))
-def _step(graphdef, params, state, active):
-    """One token for every slot: each row's last token at its own cache index (inactive rows run
-    too, on whatever their slot holds, and are ignored)."""
-    model = nnx.merge(graphdef, params)
-    length = state["length"]
-    s = jax.tree.leaves(state["cache"])[0].shape[-2]
-    key_valid = jnp.arange(s)[None] <= length[:, None]
-    h, cache = model.decode(state["token"][:, None], length[:, None], state["cache"], length, key_valid)
-    logits = model.head(h)[:, 0]
-    keys = jax.vmap(jax.random.fold_in)(state["key"], state["step"])
-    tok = sample(logits, keys, state["temperature"], state["top_k"], state["top_p"])
-    lp = token_logprobs(logits, tok, state["want"] & active)
-    state = dict(state, cache=cache, token=tok, length=length + active, step=state["step"] + active)
-    return state, (tok, *lp)
+def _step(graphdef, params, state: Rows, active):
+    """``generate.decode_step`` for every slot (inactive rows run too, on whatever their slot
+    holds, and are ignored)."""
+    return decode_step(nnx.merge(graphdef, params), state, active, greedy=False)
+
+
+@functools.partial(kernels.jit, static_argnames=("t_graph", "d_graph", "k"), donate_argnums=(4,))
+def _speculative_step(t_graph, t_params, d_graph, d_params, state: Rows, active, *, k: int):
+    """``speculative.speculative_round`` for every slot (``d_graph`` None: prompt lookup); greedy
+    and sampled slots mix in one program."""
+    target = nnx.merge(t_graph, t_params)
+    draft = None if d_graph is None else nnx.merge(d_graph, d_params)
+    return speculative_round(target, draft, state, active, k=k, greedy=False)
 
 
 class Engine:
@@ -207,21 +213,20 @@ class Engine:
         if self.max_len <= cfg.prompt_length + 1:
             raise ValueError(f"max_len={max_len} leaves no room for a prompt (the soft prompt takes "
                              f"{cfg.prompt_length} positions)")
-        tok = lm.tokenizer
-        self.eos_id = cfg.eos_token_id if cfg.eos_token_id is not None else (tok.eos_id if tok is not None else None)
-        self.pad_id = next(i for i in (cfg.pad_token_id, self.eos_id, 0) if i is not None and 0 <= i < cfg.vocab_size)
+        self.eos_id, self.pad_id = lm.eos_id, lm.pad_id
         self.metrics = metrics
         # ((graphdef, params) of the draft model, or None), K
-        self._draft, self.speculate_k = lm._proposer(draft, speculate_k, self.max_len, length_name="max_len")
+        self._draft, self.speculate_k = lm.proposer(draft, speculate_k, self.max_len, length_name="max_len")
         self.proposed = self.accepted = 0  # draft tokens, over all speculative steps
         self._use_kernels = kernels.on_one_cpu((lm.params, self._draft and self._draft[1]))
         self._pending: collections.deque[Request] = collections.deque()
         self._slots: list[Choice | None] = [None] * max_batch
         self._cv = threading.Condition()
         self._closing = False
+        self._admitting: Request | None = None  # the request being prefilled into its slots
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
-        with lm._on_mesh():
+        with lm.on_mesh():
             self._state = self._init_state()
 
     # -- public surface -------------------------------------------------------------------------
@@ -239,43 +244,59 @@ class Engine:
     def slots_in_use(self) -> int:
         return sum(c is not None for c in self._slots)
 
-    def check(self, n_prompt: int, max_tokens: int, sampling: Sampling, n: int = 1) -> None:
-        """One ValueError naming the bad setting, before anything is queued."""
+    @property
+    def started(self) -> bool:
+        """Whether ``start`` has been called."""
+        return self._thread is not None
+
+    @property
+    def alive(self) -> bool:
+        """Whether the scheduling loop is running (started, not stopped, no error)."""
+        return self.error is None and self._thread is not None and self._thread.is_alive()
+
+    @property
+    def closing(self) -> bool:
+        """Whether ``stop`` was called: no new requests are taken."""
+        return self._closing
+
+    def check(self, n_prompt: int, sampling: Sampling, names=None) -> Sampling:
+        """``sampling`` checked for a prompt of ``n_prompt`` tokens (``Sampling.check``, with n up
+        to max_batch and the room the cache leaves): a ValueError naming the bad setting (as
+        ``names`` spells it) before anything is queued."""
         if n_prompt < 1:
             raise ValueError("the prompt is empty: give at least one token")
         if n_prompt > self.max_prompt:
             raise ValueError(f"the prompt has {n_prompt} tokens; this server takes at most {self.max_prompt} "
                              f"(--max-len {self.max_len})")
-        if max_tokens < 1:
-            raise ValueError(f"max_tokens={max_tokens} must be >= 1")
+        sampling = sampling.check(self.lm.config.vocab_size, max_n=self.max_batch, names=names,
+                                  max_n_hint=" (the server's --max-batch)")
         room = self.max_len - self.lm.config.prompt_length - n_prompt
-        if max_tokens > room:
-            raise ValueError(f"max_tokens={max_tokens} does not fit: the prompt's {n_prompt} tokens leave room for "
-                             f"{room} new ones (--max-len {self.max_len})")
-        if not 1 <= n <= self.max_batch:
-            raise ValueError(f"n={n} must be in [1, {self.max_batch}] (the server's --max-batch)")
-        sampling.check(self.lm.config.vocab_size)
+        if sampling.max_tokens > room:
+            name = (names or {}).get("max_tokens", "max_tokens")
+            raise SamplingError(name, f"{name}={sampling.max_tokens} does not fit: the prompt's {n_prompt} tokens "
+                                      f"leave room for {room} new ones (--max-len {self.max_len})")
+        if sampling.stop and self.lm.tokenizer is None:
+            raise SamplingError("stop", "stop strings need a model with a tokenizer")
+        return sampling
 
-    def submit(self, ids, *, max_tokens: int = 16, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-               seed: int | None = None, n: int = 1, stop=(), logprobs: int | None = None, on_event=None) -> Request:
-        """Queue a prompt (token ids). ``seed`` None draws one; ``stop``: strings that end a choice
-        (needs a tokenizer); ``logprobs``: None, or how many top alternatives to report per
-        token (0 .. 20). Raises ValueError for bad settings, QueueFull when the queue is full."""
-        sampling = Sampling(float(temperature), int(top_k), float(top_p))
+    def submit(self, ids, sampling: Sampling | None = None, *, on_event=None, **settings) -> Request:
+        """Queue a prompt (token ids) with ``sampling``, or with ``Sampling``'s fields as keywords
+        (max_tokens=16, temperature=0.0, top_k=0, top_p=1.0, seed=None, n=1, stop=(),
+        logprobs=None). ``seed`` None draws one; ``stop``: strings that end a choice (needs a
+        tokenizer); ``logprobs``: None, or how many top alternatives to report per token (0 ..
+        20). Raises ValueError for bad settings, QueueFull when the queue is full."""
+        if sampling is None:
+            sampling = Sampling(**{"seed": None, **settings})
+        elif settings:
+            raise TypeError("give sampling or its fields as keywords, not both")
         ids = [int(i) for i in ids]
-        self.check(len(ids), max_tokens, sampling, n)
+        sampling = self.check(len(ids), sampling)
         v = self.lm.config.vocab_size
         if any(not 0 <= i < v for i in ids):
             raise ValueError(f"prompt token ids must be in [0, {v})")
-        stop = (stop,) if isinstance(stop, str) else tuple(s for s in stop if s)
-        if stop and self.lm.tokenizer is None:
-            raise ValueError("stop strings need a model with a tokenizer")
-        if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
-            raise ValueError(f"logprobs={logprobs} must be in [0, {MAX_TOP_LOGPROBS}]")
-        if seed is None:
-            seed = int.from_bytes(np.random.default_rng().bytes(4), "little")
-        request = Request(ids, max_tokens=max_tokens, sampling=sampling, seed=int(seed), n=n, stop=stop,
-                          logprobs=logprobs, on_event=on_event)
+        if sampling.seed is None:
+            sampling = dataclasses.replace(sampling, seed=int.from_bytes(np.random.default_rng().bytes(4), "little"))
+        request = Request(ids, sampling, on_event=on_event)
         with self._cv:
             if self.error is not None:
                 raise RuntimeError(f"the engine stopped after an error: {self.error!r}")
@@ -317,32 +338,32 @@ class Engine:
     def warmup(self) -> None:
         """Compile every program requests will need (each prompt bucket's prefill and insert, the
         decode step) so the first requests do not wait for the compiler."""
-        with self.lm._on_mesh():
+        with self.lm.on_mesh():
             for p in self._buckets():
                 self._start_rows(np.zeros(p, np.int32), 0, 0, Sampling(), jax.random.key(0), False)
             self._advance(np.zeros(self.max_batch, bool))
 
     def compiled_programs(self) -> int:
         """Programs compiled so far by the engine's jitted functions (prefill, insert, step)."""
-        return (_prefill._cache_size() + _insert._cache_size() + _step._cache_size()
-                + speculative_step._cache_size())
+        return sum(kernels.compiled_programs(f) for f in (_prefill, _insert, _step, _speculative_step))
 
     # -- the loop -------------------------------------------------------------------------------
 
-    def _init_state(self):
+    def _init_state(self) -> Rows:
         b, cfg = self.max_batch, self.lm.config
         # Speculative rounds write up to K + 1 slots past the pending token: room for the overshoot.
         s = self.max_len + (self.speculate_k + 2 if self.speculate_k else 0)
-        state = {"cache": init_cache(cfg, b, s), "length": jnp.zeros(b, jnp.int32),
-                 "token": jnp.full(b, self.pad_id, jnp.int32), "step": jnp.zeros(b, jnp.int32),
-                 "temperature": jnp.zeros(b, jnp.float32), "top_k": jnp.zeros(b, jnp.int32),
-                 "top_p": jnp.ones(b, jnp.float32), "key": jax.random.split(jax.random.key(0), b),
-                 "want": jnp.zeros(b, bool)}
-        if self.speculate_k:
-            state["hist"] = jnp.full((b, s), self.pad_id, jnp.int32)  # each slot's tokens, at their cache slots
+        # Every leaf its own buffer: the step donates the state, and a buffer cannot be donated twice.
+        state = Rows(cache=init_cache(cfg, b, s), slot=jnp.zeros(b, jnp.int32),
+                     first=jnp.full(b, cfg.prompt_length, jnp.int32), token=jnp.full(b, self.pad_id, jnp.int32),
+                     step=jnp.zeros(b, jnp.int32), key=jax.random.split(jax.random.key(0), b),
+                     temperature=jnp.zeros(b, jnp.float32), top_k=jnp.zeros(b, jnp.int32),
+                     top_p=jnp.ones(b, jnp.float32), want=jnp.zeros(b, bool))
+        if self.speculate_k:  # each slot's tokens, at their cache slots
+            state = state.replace(hist=jnp.full((b, s), self.pad_id, jnp.int32))
         if self._draft is not None:
             d_cfg = nnx.merge(*self._draft).config
-            state["d_cache"] = init_cache(d_cfg, b, s - cfg.prompt_length + d_cfg.prompt_length)
+            state = state.replace(d_cache=init_cache(d_cfg, b, s - cfg.prompt_length + d_cfg.prompt_length))
         return state
 
     def _bucket(self, n: int) -> int:
@@ -354,7 +375,7 @@ class Engine:
 
     def _run(self) -> None:
         try:
-            with self.lm._on_mesh():
+            with self.lm.on_mesh():
                 while True:
                     with self._cv:
                         while not self._pending and not self.slots_in_use and not self._closing:
@@ -369,6 +390,8 @@ class Engine:
             self.error = e
             with self._cv:
                 requests = list(self._pending) + [c.request for c in self._slots if c is not None]
+                if self._admitting is not None:  # taken from the queue, not yet in its slots
+                    requests.append(self._admitting)
                 self._pending.clear()
             for r in {id(r): r for r in requests}.values():
                 for c in r.choices:
@@ -395,9 +418,10 @@ class Engine:
             with self._cv:
                 if not self._pending or len(free) < self._pending[0].n or budget <= 0:
                     return
-                request = self._pending.popleft()
+                request = self._admitting = self._pending.popleft()
             budget -= len(request.ids)
             self._start(request, free)
+            self._admitting = None
 
     def _start(self, request: Request, free: list[int]) -> None:
         """Prefill ``request`` once and start each of its choices in a free slot."""
@@ -416,23 +440,22 @@ class Engine:
 
     def _start_rows(self, ids, n_prompt, slot, sampling, key, want, prefilled=None):
         """Prefill ids (right-padded, n_prompt real tokens; unless ``prefilled`` holds this prompt's
-        cache rows already) into ``slot`` and sample its first token: (prefilled, (token, logprob,
-        top ids, top logprobs))."""
+        ``Prefilled`` rows already, and the draft's cache rows) into ``slot`` and draw its first
+        token: (prefilled, (token, logprob, top ids, top logprobs))."""
         cfg, n = self.lm.config, max(n_prompt, 1)
         if prefilled is None:
-            prompt = jnp.asarray(ids)[None]
-            prefilled = _prefill(self.lm.graphdef, self.lm.params, prompt, n, use_kernels=self._use_kernels)
+            prompt, mask = jnp.asarray(ids)[None], jnp.asarray(np.arange(len(ids)) < n)[None]
+            prefilled = (_prefill(self.lm.graphdef, self.lm.params, prompt, mask, use_kernels=self._use_kernels),)
             if self._draft is not None:
-                prefilled += _prefill(*self._draft, prompt, n, use_kernels=self._use_kernels)[:1]
+                prefilled += (_prefill(*self._draft, prompt, mask, use_kernels=self._use_kernels).cache,)
         hist = None
         if self.speculate_k:
-            hist = np.full(self._state["hist"].shape[1], self.pad_id, np.int32)
+            hist = np.full(self._state.hist.shape[1], self.pad_id, np.int32)
             hist[cfg.prompt_length:cfg.prompt_length + n_prompt] = ids[:n_prompt]
             hist = jnp.asarray(hist)
-        self._state, out = _insert(self._state, *prefilled[:2], jnp.int32(slot), jnp.int32(cfg.prompt_length + n_prompt),
-                                   jnp.float32(sampling.temperature), jnp.int32(sampling.top_k),
-                                   jnp.float32(sampling.top_p), key, jnp.asarray(want), hist,
-                                   prefilled[2] if len(prefilled) > 2 else None)
+        self._state, out = _insert(self._state, prefilled[0], jnp.int32(slot), jnp.float32(sampling.temperature),
+                                   jnp.int32(sampling.top_k), jnp.float32(sampling.top_p), key, jnp.asarray(want),
+                                   hist, prefilled[1] if len(prefilled) > 1 else None)
         tok, lp, top_ids, top_lp = (np.asarray(x) for x in out)
         return prefilled, (int(tok[0]), float(lp[0]), top_ids[0], top_lp[0])
 
@@ -447,8 +470,8 @@ class Engine:
             count = active.astype(np.int32)
             return tok[:, None], count, 0 * count, lp[:, None], top_ids[:, None], top_lp[:, None]
         d_graph, d_params = self._draft if self._draft is not None else (None, None)
-        self._state, out = speculative_step(self.lm.graphdef, self.lm.params, d_graph, d_params, self._state,
-                                            jnp.asarray(active), k=self.speculate_k, use_kernels=self._use_kernels)
+        self._state, out = _speculative_step(self.lm.graphdef, self.lm.params, d_graph, d_params, self._state,
+                                             jnp.asarray(active), k=self.speculate_k, use_kernels=self._use_kernels)
         return tuple(np.asarray(x) for x in out)
 
     def _decode(self) -> None:
@@ -493,7 +516,7 @@ class Engine:
         delta = held[choice.sent:] if held.startswith(choice.text[:choice.sent]) else ""
         choice.text = text
         choice.sent += len(delta)
-        request._on_event(Event(choice.index, tok, delta, lp if top is not None else None, top))
+        request.deliver(Event(choice.index, tok, delta, lp if top is not None else None, top))
         if stopped:
             self._finish(choice, "stop")
         elif len(choice.token_ids) >= request.max_tokens:
@@ -517,9 +540,9 @@ class Engine:
         request = choice.request
         rest = choice.text[choice.sent:] if reason in ("stop", "length") else ""
         choice.sent += len(rest)
-        request._on_event(Event(choice.index, text=rest, finish_reason=reason))
+        request.deliver(Event(choice.index, text=rest, finish_reason=reason))
         if all(c.finish_reason is not None for c in request.choices):
-            request._done.set()
+            request.finish()
 
 
 def _hold_back(text: str, stops: tuple[str, ...]) -> str:

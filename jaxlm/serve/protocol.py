@@ -7,8 +7,11 @@ not implement is refused by name unless it carries its no-op value (``presence_p
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
+
+from jaxlm.sampling import Sampling
 
 
 class APIError(Exception):
@@ -26,10 +29,6 @@ class APIError(Exception):
 
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_num(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 # Fields of OpenAI's API that jaxlm does not implement, with the values that ask for nothing.
@@ -61,8 +60,18 @@ def check_fields(body, allowed: set[str]) -> None:
         raise APIError(400, f"{name!r} {what}", param=name, code="unsupported_parameter")
 
 
-def sampling_args(body: dict, *, chat: bool, default_max_tokens: int | None) -> dict:
-    """Engine.submit's keyword arguments from a request body (types and ranges checked)."""
+@dataclasses.dataclass(frozen=True)
+class RequestSampling:
+    """A request's ``Sampling`` as sent (checked by ``Engine.check``, which calls
+    ``Sampling.check``) and the request's names for its fields, for the error messages."""
+
+    sampling: Sampling
+    names: dict
+
+
+def sampling_of(body: dict, *, chat: bool, default_max_tokens: int | None) -> RequestSampling:
+    """The ``Sampling`` a request body asks for, with the OpenAI API's defaults (temperature 1);
+    its values are checked by ``Sampling.check``, the fields that are the protocol's own here."""
     def get(name, check, message, default=None):
         value = body.get(name)
         if value is None:
@@ -71,34 +80,28 @@ def sampling_args(body: dict, *, chat: bool, default_max_tokens: int | None) -> 
             raise APIError(400, f"{name}={value!r}: {message}", param=name)
         return value
 
-    max_tokens = get("max_tokens", lambda v: _is_int(v) and v >= 1, "must be an integer >= 1")
-    if chat:
-        max_tokens = get("max_completion_tokens", lambda v: _is_int(v) and v >= 1, "must be an integer >= 1",
-                         max_tokens)
-    args = dict(
-        max_tokens=max_tokens if max_tokens is not None else default_max_tokens,
-        temperature=float(get("temperature", lambda v: _is_num(v) and v >= 0, "must be a number >= 0", 1.0)),
-        top_p=float(get("top_p", lambda v: _is_num(v) and 0 < v <= 1, "must be in (0, 1]", 1.0)),
-        top_k=get("top_k", lambda v: _is_int(v) and v >= 0, "must be an integer >= 0 (0 disables it)", 0),
-        n=get("n", lambda v: _is_int(v) and v >= 1, "must be an integer >= 1", 1),
-        seed=get("seed", _is_int, "must be an integer"),
-    )
-    stop = get("stop", lambda v: isinstance(v, str) or (isinstance(v, list) and all(isinstance(s, str) for s in v)),
-               "must be a string or a list of strings", [])
-    args["stop"] = [stop] if isinstance(stop, str) else stop
+    names = {}
+    max_tokens = body.get("max_tokens")
+    if chat and body.get("max_completion_tokens") is not None:
+        max_tokens, names["max_tokens"] = body["max_completion_tokens"], "max_completion_tokens"
     if chat:
         want = get("logprobs", lambda v: isinstance(v, bool), "must be true or false", False)
-        top = get("top_logprobs", lambda v: _is_int(v) and 0 <= v <= 20, "must be an integer in [0, 20]")
+        top = body.get("top_logprobs")
         if top is not None and not want:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
-        args["logprobs"] = (top or 0) if want else None
+        logprobs = (0 if top is None else top) if want else None
+        names["logprobs"] = "top_logprobs"
     else:
-        args["logprobs"] = get("logprobs", lambda v: _is_int(v) and 0 <= v <= 20, "must be an integer in [0, 20]")
+        logprobs = body.get("logprobs")
     get("stream", lambda v: isinstance(v, bool), "must be true or false")
     get("stream_options", lambda v: isinstance(v, dict) and set(v) <= {"include_usage"},
         "only {\"include_usage\": bool} is supported")
     get("user", lambda v: isinstance(v, str), "must be a string")
-    return args
+    fields = {f: body.get(f) for f in ("temperature", "top_p", "top_k", "n", "seed", "stop")}
+    defaults = dict(temperature=1.0, top_p=1.0, top_k=0, n=1, seed=None, stop=())
+    sampling = Sampling(**{f: defaults[f] if v is None else v for f, v in fields.items()}, logprobs=logprobs,
+                        max_tokens=default_max_tokens if max_tokens is None else max_tokens)
+    return RequestSampling(sampling, names)
 
 
 def prompts_of(body: dict) -> list:

@@ -346,7 +346,6 @@ _TRAIN_CHOICES = {
     ("data", "unit"): ("file", "line"),
     ("data", "packing"): ("", "eos", "segments", "pad"),
     ("optim", "name"): ("adamw", "sgd", "adafactor"),
-    ("train", "objective"): ("clm", "mlm", "distill", "classify", "sft", "dpo"),
     ("train", "dtype"): ("float32", "bfloat16"),
     ("adapt", "method"): ("full", "lora", "prompt"),
     ("prune", "scope"): ("global", "layer"),
@@ -394,7 +393,7 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    objective: str = "clm"
+    objective: str = "clm"  # a name in jaxlm.objectives' registry (checked when a run is set up)
     steps: int = 1000
     eval_every: int = 100
     eval_batches: int = 8

@@ -241,48 +241,38 @@ def _rows(examples, seq_len: int, packing: str) -> dict[str, np.ndarray]:
     return out
 
 
-def example_rows(data_cfg, split: str, tokenizer, objective: str, *, template: str | None = None,
-                 log=None) -> ExampleRows:
-    """The split's examples as training rows (see the module docstring)."""
-    packing = data_cfg.packing or ("segments" if objective == "sft" else "pad")
+def example_rows(data_cfg, split: str, tokenizer, *, pairs: bool, packing: str, template: str | None = None,
+                 log=None, what: str = "") -> ExampleRows:
+    """The split's examples as training rows (see the module docstring): sft examples, or dpo
+    ``pairs``; ``packing``: segments or pad; ``what`` names them in the log line."""
     renderer = Renderer(tokenizer, template)
     seq_len = data_cfg.seq_len
     kept, skipped, empty = [], 0, 0
     for where, ex in read_jsonl(data_cfg, split):
-        if objective == "sft":
-            ids, learn = renderer.sft(ex, where)
-            if len(ids) < 2 or not learn[1:].any():
-                empty += 1
-            elif len(ids) - 1 > seq_len:
-                skipped += 1
-            else:
-                kept.append((ids, learn))
+        encoded = renderer.dpo(ex, where) if pairs else (renderer.sft(ex, where),)
+        if any(len(ids) < 2 or not learn[1:].any() for ids, learn in encoded):
+            empty += 1
+        elif any(len(ids) - 1 > seq_len for ids, _ in encoded):
+            skipped += 1
         else:
-            pair = renderer.dpo(ex, where)
-            if any(len(ids) < 2 or not learn[1:].any() for ids, learn in pair):
-                empty += 1
-            elif any(len(ids) - 1 > seq_len for ids, _ in pair):
-                skipped += 1
-            else:
-                kept.append(pair)
+            kept.append(encoded if pairs else encoded[0])
     if not kept:
         raise ValueError(f"no {split} examples of {data_cfg.path} fit data.seq_len={seq_len} ({skipped} longer, "
                          f"{empty} with nothing to learn)")
-    if objective == "sft":
-        arrays = _rows(kept, seq_len, packing)
-    else:
+    if pairs:
         halves = [_rows([p[j] for p in kept], seq_len, "pad") for j in (0, 1)]
         arrays = {k: np.stack([halves[0][k], halves[1][k]], axis=1) for k in FIELDS}
+    else:
+        arrays = _rows(kept, seq_len, packing)
     learned = int(arrays["weights"].sum())
     tokens = int((arrays["segments"] > 0).sum())
     stats = {"examples": len(kept), "skipped_long": skipped, "skipped_empty": empty, "rows": len(arrays["inputs"]),
              "learned_tokens": learned, "tokens": tokens,
              "fill": tokens / max(1, arrays["segments"].size)}
     if log is not None:
-        what = "pairs" if objective == "dpo" else "examples"
-        log(f"{objective} {split}: {len(kept)} {what} in {stats['rows']} rows of {seq_len} ({packing}, "
-            f"{stats['fill']:.0%} filled; {learned} learned tokens); skipped {skipped} longer than data.seq_len"
-            + (f" and {empty} with nothing to learn" if empty else ""))
+        log(f"{what} {split}: {len(kept)} {'pairs' if pairs else 'examples'} in {stats['rows']} rows of {seq_len} "
+            f"({packing}, {stats['fill']:.0%} filled; {learned} learned tokens); skipped {skipped} longer than "
+            "data.seq_len" + (f" and {empty} with nothing to learn" if empty else ""))
     return ExampleRows(arrays, seq_len, stats)
 
 

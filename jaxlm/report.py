@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
 
 import jax
 
+from jaxlm import objectives
 from jaxlm.api import load
-from jaxlm.classify import ClassRows, read_examples
 from jaxlm.config import load_config
-from jaxlm.data import packed_rows
-from jaxlm.instruct import chat_template, example_rows
+from jaxlm.instruct import chat_template
 from jaxlm.io import is_workdir
 from jaxlm.sharding import batch_sharding, check_batch_fits, make_mesh
 from jaxlm.train import StepSpec, check_seq_len, evaluate, make_eval_step
@@ -65,41 +65,16 @@ def evaluate_model(model_path, overrides=(), *, split: str = "validation", batch
     tokenizer = lm.tokenizer
     if tokenizer is None:
         raise ValueError(f"{model_path} has no tokenizer files, so no text can be evaluated")
-    if lm.config.head == "classify":
-        objective = "classify"
-    elif workdir or any(o.startswith("train.objective=") for o in overrides):
-        if cfg.train.objective == "dpo":
-            raise ValueError("jaxlm eval scores clm / mlm / sft / classify; a dpo run's held-out reward accuracy "
-                             "is in its metrics.jsonl (val_reward_accuracy), its loss on the chosen responses "
-                             "with train.objective=sft data.path=SFT_DATA")
-        objective = cfg.train.objective if cfg.train.objective in ("clm", "mlm", "sft") else \
-            ("clm" if lm.config.causal else "mlm")  # a distilled student: its own loss
-    else:
-        objective = "clm" if lm.config.causal else "mlm"
+    asked = workdir or any(o.startswith("train.objective=") for o in overrides)
+    objective = objectives.scoring(cfg.train.objective if asked else None, lm.config)
     check_seq_len(cfg.data.seq_len, lm.config.context)
-    if objective == "classify":
-        names = lm.config.label_names or tuple(str(i) for i in range(lm.config.num_labels))
-        rows = ClassRows(read_examples(cfg.data, split), tokenizer, names, cfg.data.seq_len)
-        n = len(rows) // cfg.data.batch_size  # every full batch: classification metrics cover the split
-    elif objective == "sft":  # every example: the loss over its learned (completion / assistant) tokens
-        rows = example_rows(cfg.data, split, tokenizer, "sft", template=chat_template(cfg.data, tokenizer))
-        rows = rows.padded(cfg.data.batch_size)
-        n = len(rows) // cfg.data.batch_size
-    else:
-        rows = packed_rows(cfg.data, split, tokenizer)
-        n = min(batches, max(1, len(rows) // cfg.data.batch_size))
-    segments = cfg.data.packing == "segments" and objective in ("clm", "mlm")
-    spec = StepSpec(objective, seed=cfg.train.seed, mask_id=tokenizer.mask_id, special_ids=tokenizer.special_ids,
-                    mlm_prob=cfg.train.mlm_prob, segments_eos=tokenizer.eos_id if segments else None)
+    cfg = dataclasses.replace(cfg, model=lm.config)
+    scorer = objective.from_run(cfg, tokenizer, None)
+    template = chat_template(cfg.data, tokenizer) if objective.chat else None
+    rows = scorer.rows(cfg, split, tokenizer, evaluation=True, template=template)
+    n = scorer.eval_batches(len(rows), cfg.data.batch_size, batches, report=True)
     sharding = None if mesh is None else batch_sharding(mesh)
-    totals = evaluate(make_eval_step(lm.graphdef, spec), lm.params, rows, batch_size=cfg.data.batch_size,
-                      batches=n, to_device=lambda local: jax.device_put(local, sharding))
-    out = {"model": str(model_path), "split": split, "objective": objective, "loss": totals.loss}
-    if objective == "classify":
-        out.update(examples=int(totals.count), accuracy=totals.accuracy, macro_f1=totals.macro_f1,
-                   majority_baseline=totals.majority_baseline)
-        return out
-    out.update(perplexity=math.exp(totals.loss), tokens=int(totals.count))
-    if objective == "mlm":
-        out["accuracy"] = totals.accuracy
-    return out
+    totals = evaluate(make_eval_step(lm.graphdef, StepSpec(scorer, seed=cfg.train.seed)), lm.params, rows,
+                      batch_size=cfg.data.batch_size, batches=n, to_device=lambda local: jax.device_put(local, sharding))
+    return {"model": str(model_path), "split": split, "objective": objective.name, "loss": totals.loss,
+            **scorer.report(totals)}

@@ -56,6 +56,7 @@ def jaxlm_stepper(path, scan):
     from jaxlm.config import OptimConfig
     from jaxlm.io.hf import hf_to_params
     from jaxlm.optim import make_optimizer, schedule
+    from jaxlm.objectives.clm import CLM
     from jaxlm.train import StepSpec, make_train_step
     from jaxlm.transformer import abstract_model, params_for
 
@@ -64,7 +65,7 @@ def jaxlm_stepper(path, scan):
     params = params_for(cfg, jax.tree.map(jnp.asarray, params))
     opt = OptimConfig(lr=1e-4, warmup_steps=0, min_lr_ratio=1.0)
     tx = make_optimizer(opt, 1000)
-    train_step = make_train_step(nnx.graphdef(abstract_model(cfg)), tx, StepSpec("clm"), schedule(opt, 1000),
+    train_step = make_train_step(nnx.graphdef(abstract_model(cfg)), tx, StepSpec(CLM()), schedule(opt, 1000),
                                  dropout=False)
     state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0)}
 

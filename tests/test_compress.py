@@ -258,21 +258,21 @@ def distill_outputs():
     """Student and teacher logits and attention maps and jaxlm's distillation loss for every beta, from
     one compiled program (models built inside it), not every operation dispatched on its own."""
     from jaxlm.compress.distill import layer_pairs
-    from jaxlm.train import StepSpec, loss_sums
+    from jaxlm.objectives.distill import Distill
 
     s_cfg = ModelConfig.preset("gpt2-tiny", **SMALL)
     t_cfg = ModelConfig.preset("gpt2-tiny", **{**SMALL, "n_layers": 4, "d_model": 48, "n_heads": 6})
     rows = jnp.asarray(np.random.RandomState(1).randint(0, 96, (3, 11)))
     pairs = layer_pairs(2, 4)
     assert pairs == ((0, 1), (1, 3))
-    specs = {beta: StepSpec("distill", temperature=DISTILL_T, alpha=DISTILL_ALPHA, attention_weight=beta,
-                            layer_pairs=pairs) for beta in DISTILL_BETAS}
+    specs = {beta: Distill(temperature=DISTILL_T, alpha=DISTILL_ALPHA, attention_weight=beta, layer_pairs=pairs)
+             for beta in DISTILL_BETAS}
     x = rows[:, :-1]
 
     @jax.jit
     def outputs():
         student, teacher = build_model(s_cfg), build_model(t_cfg, 1)
-        losses = {beta: loss_sums(student, rows, spec, teacher=teacher)[:2] for beta, spec in specs.items()}
+        losses = {beta: spec.loss_sums(student, rows, fixed=teacher)[:2] for beta, spec in specs.items()}
         return losses, student(x), teacher(x), student.attention_maps(x), teacher.attention_maps(x)
 
     return rows, pairs, jax.tree.map(np.asarray, outputs())

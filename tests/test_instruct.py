@@ -12,10 +12,13 @@ from flax import nnx
 from jaxlm import ModelConfig, build_model
 from jaxlm.chat import render
 from jaxlm.config import DataConfig
-from jaxlm.instruct import ExampleError, Renderer, example_rows, pack
+from jaxlm.instruct import ExampleError, Renderer, pack
 from jaxlm.tokenizer import ByteTokenizer
-from jaxlm.train import StepSpec, loss_sums
-from jaxlm.train.objectives import segments_from_eos
+from jaxlm.config import Config
+from jaxlm.objectives.base import segments_from_eos
+from jaxlm.objectives.clm import CLM
+from jaxlm.objectives.dpo import DPO
+from jaxlm.objectives.sft import SFT
 
 TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<|end|>\n{% endfor %}"
             "{% if add_generation_prompt %}<|assistant|>{% endif %}")
@@ -36,7 +39,8 @@ def forward(model, inputs, segments=None):
     return model(inputs, segment_ids=segments)
 
 
-loss_sums_jit = nnx.jit(loss_sums, static_argnums=2)  # (model, batch, spec, reference=...)
+loss_sums_jit = nnx.jit(lambda model, batch, objective, fixed=None: objective.loss_sums(model, batch, fixed=fixed),
+                        static_argnums=2)  # (model, batch, objective, fixed=the dpo reference)
 
 
 def nll64(model, ids):
@@ -93,11 +97,11 @@ def test_sft_loss_is_cross_entropy_over_learned_tokens_of_each_example_alone(tmp
     examples = [{"prompt": "".join(rng.choice(list("abcdefgh "), rng.integers(3, 15))),
                  "completion": "".join(rng.choice(list("0123456789"), rng.integers(1, 9)))} for _ in range(12)]
     data = DataConfig(path=write_jsonl(tmp_path / "sft.jsonl", examples), seq_len=48, val_fraction=0.0)
-    rows = example_rows(data, "train", ByteTokenizer(), "sft")
+    rows = SFT().rows(Config(data=data), "train", ByteTokenizer())
     assert rows.stats["rows"] < rows.stats["examples"]  # several examples share rows
     batch = {k: jnp.asarray(v) for k, v in rows.arrays.items()}
     model = build_model(CONFIGS[name])
-    total, count, _ = loss_sums_jit(model, batch, StepSpec("sft"))
+    total, count, _ = loss_sums_jit(model, batch, SFT())
 
     renderer = Renderer(ByteTokenizer(), None)
     want_sum, want_count = 0.0, 0
@@ -129,17 +133,17 @@ def test_sft_loss_is_cross_entropy_over_learned_tokens_of_each_example_alone(tmp
 def test_prompt_tokens_get_no_loss_and_no_gradient(tmp_path):
     examples = [{"prompt": "question %d:" % i, "completion": "answer %d" % i} for i in range(6)]
     data = DataConfig(path=write_jsonl(tmp_path / "sft.jsonl", examples), seq_len=64, val_fraction=0.0)
-    rows = example_rows(data, "train", ByteTokenizer(), "sft")
+    rows = SFT().rows(Config(data=data), "train", ByteTokenizer())
     batch = {k: jnp.asarray(v) for k, v in rows.arrays.items()}
     model = build_model(CONFIGS["gpt2"])
-    base = float(loss_sums_jit(model, batch, StepSpec("sft"))[0])
+    base = float(loss_sums_jit(model, batch, SFT())[0])
     prompt = (rows.arrays["weights"] == 0) & (rows.arrays["segments"] > 0)
     targets = np.where(prompt, (rows.arrays["targets"] + 7) % 256, rows.arrays["targets"])
-    moved = float(loss_sums_jit(model, {**batch, "targets": jnp.asarray(targets)}, StepSpec("sft"))[0])
+    moved = float(loss_sums_jit(model, {**batch, "targets": jnp.asarray(targets)}, SFT())[0])
     assert moved == base  # exactly: prompt targets take no part in the loss
     learned = rows.arrays["weights"] > 0
     targets = np.where(learned, (rows.arrays["targets"] + 7) % 256, rows.arrays["targets"])
-    assert float(loss_sums_jit(model, {**batch, "targets": jnp.asarray(targets)}, StepSpec("sft"))[0]) != base
+    assert float(loss_sums_jit(model, {**batch, "targets": jnp.asarray(targets)}, SFT())[0]) != base
 
 
 @pytest.mark.parametrize("name", ["gpt2", "rope-gqa"])
@@ -150,7 +154,7 @@ def test_clm_segments_from_eos_equal_each_document_alone(name):
     docs = [rng.integers(0, 256, n) for n in (9, 14, 6)]
     row = np.concatenate([docs[0], [eos], docs[1], [eos], docs[2], [eos], rng.integers(0, 256, 3)])[None]
     model = build_model(cfg)
-    spec = StepSpec("clm", segments_eos=eos)
+    spec = CLM(segments_eos=eos)
     total, count, _ = loss_sums_jit(model, jnp.asarray(row), spec)
     inputs = row[:, :-1]
     segments = np.asarray(segments_from_eos(jnp.asarray(inputs), eos))
@@ -160,7 +164,7 @@ def test_clm_segments_from_eos_equal_each_document_alone(name):
         want += nll64(model, ids).sum()
     assert float(count) == inputs.shape[1]
     np.testing.assert_allclose(float(total), want, rtol=1e-5)
-    assert abs(float(loss_sums_jit(model, jnp.asarray(row), StepSpec("clm"))[0]) - want) > 1e-3  # eos packing differs
+    assert abs(float(loss_sums_jit(model, jnp.asarray(row), CLM())[0]) - want) > 1e-3  # eos packing differs
 
 
 def test_dpo_loss_equals_formula_in_float64(tmp_path):
@@ -169,13 +173,13 @@ def test_dpo_loss_equals_formula_in_float64(tmp_path):
     pairs = [{"prompt": word(rng.integers(2, 10)), "chosen": word(rng.integers(1, 12)),
               "rejected": word(rng.integers(1, 12))} for _ in range(9)]
     data = DataConfig(path=write_jsonl(tmp_path / "dpo.jsonl", pairs), seq_len=32, val_fraction=0.0)
-    rows = example_rows(data, "train", ByteTokenizer(), "dpo")
+    rows = DPO(0.1, 0.0).rows(Config(data=data), "train", ByteTokenizer())
     batch = {k: jnp.asarray(v) for k, v in rows.arrays.items()}
     assert batch["inputs"].shape == (8, 2, 32)
     cfg = CONFIGS["rope-gqa"]
     policy, reference = build_model(cfg, seed=0), build_model(cfg, seed=1)
     beta = 0.3
-    total, n, stats = loss_sums_jit(policy, batch, StepSpec("dpo", beta=beta), reference=reference)
+    total, n, stats = loss_sums_jit(policy, batch, DPO(beta, sft_weight=0.0), fixed=reference)
 
     renderer = Renderer(ByteTokenizer(), None)
     losses, margins, chosen_nll = [], [], []
@@ -194,10 +198,10 @@ def test_dpo_loss_equals_formula_in_float64(tmp_path):
     np.testing.assert_allclose(float(stats["reward_margin"][0]) / 8, np.mean(margins), rtol=1e-4, atol=1e-6)
     assert float(stats["reward_accuracy"][0]) == sum(m > 0 for m in margins)
     # RPO: + sft_weight x the chosen response's mean token NLL
-    rpo, _, _ = loss_sums_jit(policy, batch, StepSpec("dpo", beta=beta, sft_weight=0.5), reference=reference)
+    rpo, _, _ = loss_sums_jit(policy, batch, DPO(beta, sft_weight=0.5), fixed=reference)
     np.testing.assert_allclose(float(rpo) / 8, np.mean(np.array(losses) + 0.5 * np.array(chosen_nll)), rtol=1e-5)
     # The reference is the policy: every pair's loss is log 2.
-    same, _, _ = loss_sums_jit(policy, batch, StepSpec("dpo", beta=beta), reference=policy)
+    same, _, _ = loss_sums_jit(policy, batch, DPO(beta, sft_weight=0.0), fixed=policy)
     np.testing.assert_allclose(float(same) / 8, np.log(2), rtol=1e-6)
 
 
@@ -280,9 +284,9 @@ def test_soft_prompt_models_train_on_padded_rows(tmp_path):
     examples = [{"prompt": "q%d " % i * (i + 1), "completion": "a%d" % i} for i in range(5)]
     data = DataConfig(path=write_jsonl(tmp_path / "sft.jsonl", examples), seq_len=32, val_fraction=0.0,
                       packing="pad")
-    rows = example_rows(data, "train", ByteTokenizer(), "sft")
+    rows = SFT().rows(Config(data=data), "train", ByteTokenizer())
     model = build_model(CONFIGS["gpt2"].replace(prompt_length=3))
-    total, count, _ = loss_sums_jit(model, {k: jnp.asarray(v) for k, v in rows.arrays.items()}, StepSpec("sft"))
+    total, count, _ = loss_sums_jit(model, {k: jnp.asarray(v) for k, v in rows.arrays.items()}, SFT())
     renderer = Renderer(ByteTokenizer(), None)
     want = sum((nll64(model, ids) * learn[1:]).sum() for ids, learn in (renderer.sft(ex, "") for ex in examples[:-1]))
     np.testing.assert_allclose(float(total), want, rtol=1e-5)

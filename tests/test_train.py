@@ -21,7 +21,9 @@ from jaxlm.cli import DEFAULT_CONFIG
 from jaxlm.config import OptimConfig, load_config
 from jaxlm.data import stdlib_dir
 from jaxlm.optim import make_optimizer, schedule
-from jaxlm.train import StepSpec, make_train_step, mlm_inputs, train
+from jaxlm.objectives.clm import CLM
+from jaxlm.objectives.mlm import mlm_inputs
+from jaxlm.train import StepSpec, make_train_step, train
 from jaxlm.transformer import build_model
 
 TINY = ["model=gpt2-tiny", "model.vocab_size=259", "model.d_model=32", "model.n_layers=2", "model.n_heads=2",
@@ -263,7 +265,7 @@ def test_grad_accumulation_equals_big_batch():
     outs = []
     for k in (1, 4):
         # Without dropout: its masks are drawn per micro-batch, so they differ by construction.
-        step = make_train_step(graphdef, tx, StepSpec("clm", grad_accum=k), schedule(opt, 10), dropout=False)
+        step = make_train_step(graphdef, tx, StepSpec(CLM(), grad_accum=k), schedule(opt, 10), dropout=False)
         state = {"params": jax.tree.map(jnp.copy, params), "opt_state": tx.init(params), "step": jnp.int32(0)}
         outs.append(step(state, batch))
     (s1, m1), (s4, m4) = outs

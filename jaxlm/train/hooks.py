@@ -78,9 +78,8 @@ def eval_hook(run: Run, record: Callable[[dict], None]) -> Hook:
         totals = evaluate(run.eval_step, run.full_params(run.state["params"]), run.val_rows,
                           batch_size=cfg.data.batch_size, batches=run.eval_batches(), to_device=run.to_device,
                           process_index=pi, process_count=pc)
-        metrics = {"val_loss": totals.loss, **{f"val_{k}": v for k, v in totals.metrics.items()}}
-        if cfg.train.objective == "classify":
-            metrics["val_macro_f1"] = totals.macro_f1
+        metrics = {"val_loss": totals.loss, **{f"val_{k}": v for k, v in totals.metrics.items()},
+                   **{f"val_{k}": v for k, v in run.objective.eval_metrics(totals).items()}}
         record({"step": info.step, **metrics})
         if info.step:
             run.log(f"step {info.step}: val_loss {metrics['val_loss']:.4f}")

@@ -19,23 +19,21 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxlm.classify import ClassRows, label_names, read_examples
+from jaxlm import objectives
 from jaxlm.compress import tree
 from jaxlm.compress.adapt import adapted_config, trainable
-from jaxlm.compress.distill import check_teacher, layer_pairs
 from jaxlm.config import CHECKPOINT_FIELDS, Config, ModelConfig
-from jaxlm.data import loader, packed_rows
+from jaxlm.data import loader
+from jaxlm.instruct import chat_template
 from jaxlm.io import TrainCheckpoints
 from jaxlm.io.checksums import DamagedError
-from jaxlm.instruct import chat_template, example_rows
 from jaxlm.io.lock import WorkdirBusy, WorkdirLock
 from jaxlm.io.read import read_base
+from jaxlm.objectives import Objective, check_seq_len
 from jaxlm.optim import make_optimizer, schedule
-from jaxlm.sharding import (batch_sharding, check_batch_fits, check_model_fits, like_params, make_mesh,
-                            param_shardings)
+from jaxlm.sharding import batch_sharding, check_batch_fits, check_model_fits, like_params, make_mesh, param_shardings
 from jaxlm.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer, with_chat_template
-from jaxlm.train.objectives import StepSpec
-from jaxlm.train.steps import make_eval_step, make_train_step
+from jaxlm.train.steps import StepSpec, make_eval_step, make_train_step
 from jaxlm.transformer import abstract_model, build_model, model_graphdef, params_for
 
 
@@ -48,8 +46,9 @@ class Run:
     log: Callable[[str], None]
     tokenizer: Tokenizer
     mesh: Any
+    objective: Objective  # the objective's static step settings (it is asked what the run's objective does)
     train_step: Callable  # (state, batch, frozen, masks, fixed_params) -> (state, metrics)
-    eval_step: Callable  # (params, batch, index) -> sums
+    eval_step: Callable  # (params, batch, index) -> the objective's eval sums
     state: dict  # {"params": trainable params, "opt_state", "step"}, on the mesh
     frozen: dict | None  # parameters that take part but do not train (a LoRA / prompt-tuning base)
     fixed_params: dict | None  # a second, untrained model: distill's teacher, dpo's reference
@@ -69,18 +68,7 @@ class Run:
         return params if self.frozen is None else tree.merge(params, self.frozen)
 
     def eval_batches(self) -> int:
-        full = len(self.val_rows) // self.cfg.data.batch_size
-        if self.cfg.train.objective == "classify":  # every full batch: the metrics cover the split
-            return full
-        if self.cfg.train.objective in ("sft", "dpo"):  # small splits: each row once at most
-            return min(full, self.cfg.train.eval_batches)
-        return self.cfg.train.eval_batches
-
-
-def check_seq_len(seq_len: int, context: int) -> None:
-    if seq_len > context:
-        raise ValueError(f"data.seq_len={seq_len} exceeds the model's context of {context} tokens "
-                         "(model.max_len, less model.prompt_length with a soft prompt)")
+        return self.objective.eval_batches(len(self.val_rows), self.cfg.data.batch_size, self.cfg.train.eval_batches)
 
 
 def data_tokenizer(data_cfg) -> Tokenizer:
@@ -98,11 +86,12 @@ def setup(cfg: Config, log, *, lock_workdir: bool = False) -> Run:
     ``lock_workdir``: hold the workdir (``WorkdirLock``, process 0) once the checks pass, before
     anything is written; ``Run.lock`` is released by the caller."""
     cfg = cfg.with_absolute_paths()  # a run's config.json refers to other models from any directory
+    objective = objectives.get(cfg.train.objective)
     cfg, base_params, tokenizer = _model_and_tokenizer(cfg, log)
-    cfg, class_rows = _labels(cfg, tokenizer, log)
+    cfg, prepared = objective.model_config(cfg, tokenizer, log)
     _check(cfg, tokenizer)
-    objective = cfg.train.objective
-    template = chat_template(cfg.data, tokenizer) if objective in ("sft", "dpo") or cfg.data.chat_template else None
+    objective.check(cfg, tokenizer)
+    template = chat_template(cfg.data, tokenizer) if objective.chat or cfg.data.chat_template else None
     if cfg.data.chat_template:  # saved with the run: jaxlm serve renders chats as they were trained
         tokenizer = with_chat_template(tokenizer, template)
     # Mesh and shape checks come first: a bad mesh fails in one line, before anything compiles.
@@ -111,7 +100,7 @@ def setup(cfg: Config, log, *, lock_workdir: bool = False) -> Run:
     check_batch_fits(cfg.data.batch_size, mesh, cfg.optim.grad_accum)
     lock = _lock(cfg.train.workdir, log) if lock_workdir else None
     try:
-        run = _build(cfg, log, base_params, tokenizer, class_rows, template, mesh)
+        run = _build(cfg, log, objective, base_params, tokenizer, prepared, template, mesh)
     except BaseException:
         if lock is not None:
             lock.release()
@@ -141,21 +130,15 @@ def _lock(workdir, log) -> WorkdirLock | None:
     return lock
 
 
-def _build(cfg: Config, log, base_params, tokenizer, class_rows, template, mesh) -> Run:
+def _build(cfg: Config, log, objective: type[Objective], base_params, tokenizer, prepared, template, mesh) -> Run:
     """setup() past the checks: data, state, steps, and the checkpoint to resume from."""
-    objective = cfg.train.objective
-    teacher = _teacher(cfg, mesh, log) if cfg.train.objective == "distill" else None
     pi, pc = jax.process_index(), jax.process_count()
     if pc > 1:
         log(f"process {pi} of {pc}: {jax.local_device_count()} local devices, {jax.device_count()} in all; "
             f"mesh data={mesh.shape['data']} fsdp={mesh.shape['fsdp']} tensor={mesh.shape['tensor']}")
-    if objective in ("sft", "dpo"):
-        train_rows, val_rows = (example_rows(cfg.data, split, tokenizer, objective, template=template, log=log)
-                                for split in ("train", "validation"))
-        val_rows = val_rows.padded(cfg.data.batch_size)
-    else:
-        train_rows, val_rows = class_rows or (packed_rows(cfg.data, "train", tokenizer, log),
-                                              packed_rows(cfg.data, "validation", tokenizer, log))
+    rows_of = objective.from_run(cfg, tokenizer, None)  # the rows do not depend on the fixed model
+    train_rows, val_rows = (rows_of.rows(cfg, split, tokenizer, evaluation=split != "train", template=template,
+                                         prepared=prepared, log=log) for split in ("train", "validation"))
     it = loader(train_rows, batch_size=cfg.data.batch_size, seed=cfg.train.seed, process_index=pi,
                 process_count=pc)
 
@@ -164,9 +147,8 @@ def _build(cfg: Config, log, base_params, tokenizer, class_rows, template, mesh)
     graphdef = model_graphdef(model_cfg)
     state_programs = _state_programs(model_cfg, mesh, cfg.adapt.method, cfg.optim, cfg.train.steps, cfg.train.seed)
     params, frozen = _init_params(cfg, model_cfg, state_programs, base_params)
-    fixed = teacher[:2] if teacher else None
-    if objective == "dpo":
-        fixed = _reference(cfg, model_cfg, mesh, graphdef, params, frozen, base_params, log)
+    fixed = objective.fixed_model(cfg, model_cfg, mesh, log, graphdef=graphdef, params=params, frozen=frozen,
+                                  base_params=base_params)
     opt_state = state_programs.opt_init(params)
     rows_sharding = batch_sharding(mesh)
 
@@ -190,22 +172,16 @@ def _build(cfg: Config, log, base_params, tokenizer, class_rows, template, mesh)
         tokenizer.save(workdir)
         _truncate_metrics(workdir / "metrics.jsonl", start)
 
-    dc = cfg.distill
-    segments = cfg.data.packing == "segments" and objective in ("clm", "mlm", "distill")
-    spec = StepSpec(objective, cfg.optim.grad_accum, cfg.train.seed, tokenizer.mask_id,
-                    tokenizer.special_ids, cfg.train.mlm_prob, dc.temperature, dc.alpha, dc.attention_weight,
-                    teacher[2] if teacher else (), segments_eos=tokenizer.eos_id if segments else None,
-                    beta=cfg.dpo.beta, sft_weight=cfg.dpo.sft_weight)
+    spec = StepSpec(objective.from_run(cfg, tokenizer, fixed), cfg.optim.grad_accum, cfg.train.seed)
     train_step, eval_step = _step_programs(model_cfg, mesh, cfg.adapt.method, cfg.optim, cfg.train.steps,
                                            cfg.train.seed, spec, fixed and fixed[0])
     step = jax.device_put(jnp.int32(start), state_programs.state_sharding["step"])
     state = {"params": params, "opt_state": opt_state, "step": step}
     fixed_params = fixed and fixed[1]
-    if objective == "dpo":
-        eval_step = functools.partial(eval_step, fixed_params=fixed_params)
-    return Run(cfg=cfg, workdir=workdir, log=log, tokenizer=tokenizer, mesh=mesh, train_step=train_step,
-               eval_step=eval_step, state=state, frozen=frozen, fixed_params=fixed_params, train_iter=it,
-               val_rows=val_rows, to_device=to_device, checkpoints=ckpts, start=start)
+    return Run(cfg=cfg, workdir=workdir, log=log, tokenizer=tokenizer, mesh=mesh, objective=spec.objective,
+               train_step=train_step, eval_step=functools.partial(eval_step, fixed_params=fixed_params), state=state,
+               frozen=frozen, fixed_params=fixed_params, train_iter=it, val_rows=val_rows, to_device=to_device,
+               checkpoints=ckpts, start=start)
 
 
 def _model_and_tokenizer(cfg: Config, log):
@@ -233,26 +209,6 @@ def _model_and_tokenizer(cfg: Config, log):
     return dataclasses.replace(cfg, model=model), base_params, tokenizer
 
 
-def _labels(cfg: Config, tokenizer, log):
-    """objective=classify: (cfg with a classification head over the training labels, (train rows,
-    validation rows)); otherwise (cfg, None)."""
-    if cfg.train.objective != "classify":
-        return cfg, None
-    train_ex = read_examples(cfg.data, "train")
-    names = label_names(train_ex)
-    cfg = dataclasses.replace(cfg, model=cfg.model.replace(
-        head="classify", num_labels=len(names), label_names=names, pooler=cfg.model.pooler or not cfg.model.causal))
-    rows = tuple(ClassRows(ex, tokenizer, names, cfg.data.seq_len)
-                 for ex in (train_ex, read_examples(cfg.data, "validation")))
-    log(f"classes: {', '.join(names)}; {len(rows[0])} training and {len(rows[1])} validation examples")
-    return cfg, rows
-
-
-# data.packing per objective ("" = the default: eos for clm / mlm / distill, segments for sft, pad for dpo)
-PACKING = {"clm": ("", "eos", "segments"), "mlm": ("", "eos", "segments"), "distill": ("", "eos", "segments"),
-           "sft": ("", "segments", "pad"), "dpo": ("", "pad")}
-
-
 def _check(cfg: Config, tokenizer) -> None:
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size="
@@ -261,56 +217,6 @@ def _check(cfg: Config, tokenizer) -> None:
     if cfg.data.batch_size % cfg.optim.grad_accum:
         raise ValueError(f"data.batch_size={cfg.data.batch_size} is not divisible by optim.grad_accum="
                          f"{cfg.optim.grad_accum}")
-    masked = cfg.train.objective == "mlm" or (cfg.train.objective == "distill" and not cfg.model.causal)
-    if masked and tokenizer.mask_id is None:
-        raise ValueError(f"train.objective={cfg.train.objective} on an encoder needs a tokenizer with a mask token")
-    packing, objective = cfg.data.packing, cfg.train.objective
-    allowed = PACKING.get(objective, ("",))
-    if packing not in allowed:
-        raise ValueError(f"data.packing={packing} does not apply to train.objective={objective}; use "
-                         + " or ".join(p for p in allowed if p))
-    if cfg.model.prompt_length and (packing == "segments" or (objective == "sft" and not packing)):
-        raise ValueError("packed examples (data.packing=segments) cannot share a soft prompt; use data.packing=pad")
-
-
-def _reference(cfg: Config, model_cfg: ModelConfig, mesh, graphdef, params, frozen, base_params, log):
-    """objective=dpo: (graphdef, params on the mesh) of the frozen reference, or None under LoRA
-    from a base without adapters (the reference is then the model with its adapters off)."""
-    if cfg.dpo.reference:
-        r_cfg, r_params, _ = read_base(cfg.dpo.reference, "dpo.reference")
-        check_teacher(model_cfg, r_cfg, "dpo.reference")
-        check_seq_len(cfg.data.seq_len, r_cfg.context)
-        r_cfg = r_cfg.replace(dtype=cfg.train.dtype, scan_layers=model_cfg.scan_layers)
-        check_model_fits(r_cfg, mesh)
-        log(f"dpo: reference {cfg.dpo.reference}, beta {cfg.dpo.beta}")
-        return model_graphdef(r_cfg), jax.device_put(params_for(r_cfg, r_params),
-                                                                   param_shardings(r_cfg, mesh))
-    base_adapters = base_params is not None and any("lora_a" in node for _, node in tree.walk(base_params))
-    if cfg.adapt.method == "lora" and not base_adapters:
-        log(f"dpo: reference = the base model (LoRA adapters off), beta {cfg.dpo.beta}")
-        return None
-    if cfg.adapt.method not in ("full", "lora"):
-        raise ValueError(f"train.objective=dpo trains with adapt.method=full or lora, not {cfg.adapt.method}")
-    # The starting weights, copied before training changes them (a resumed run copies the base
-    # again, not the restored weights).
-    log(f"dpo: reference = the starting model (a frozen copy), beta {cfg.dpo.beta}")
-    full = tree.merge(params, frozen) if frozen is not None else params
-    return graphdef, jax.tree.map(jnp.copy, full)
-
-
-def _teacher(cfg: Config, mesh, log):
-    """(graphdef, params on the mesh, layer pairs) of distill.teacher, checked against the student."""
-    if not cfg.distill.teacher:
-        raise ValueError("train.objective=distill needs distill.teacher=PATH (any model jaxlm.load accepts)")
-    t_cfg, t_params, _ = read_base(cfg.distill.teacher, "distill.teacher")
-    check_teacher(cfg.model, t_cfg)
-    t_cfg = t_cfg.replace(dtype=cfg.train.dtype, scan_layers=cfg.model.scan_layers)
-    check_model_fits(t_cfg, mesh)
-    pairs = layer_pairs(cfg.model.n_layers, t_cfg.n_layers, cfg.distill.layer_map)
-    log(f"distilling from {cfg.distill.teacher} ({t_cfg.n_layers} layers, d={t_cfg.d_model}): T="
-        f"{cfg.distill.temperature}, alpha={cfg.distill.alpha}, attention weight {cfg.distill.attention_weight}")
-    t_params = jax.device_put(params_for(t_cfg, t_params), param_shardings(t_cfg, mesh))
-    return model_graphdef(t_cfg), t_params, pairs
 
 
 # The jitted programs of a run, built once per setup in a process: another run of the same setup

@@ -1,4 +1,5 @@
-"""The pure jitted steps: ``train_step(state, batch) -> (state, metrics)`` and the evaluation step.
+"""The pure jitted steps: ``train_step(state, batch) -> (state, metrics)`` and the evaluation step,
+of any objective (``jaxlm.objectives``).
 
 Dimension legend: B batch rows, M micro-batches, T length.
 
@@ -8,22 +9,26 @@ dropout and MLM masks the uninterrupted run would have.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
 from jaxlm.compress import tree
-from jaxlm.compress.lora import adapters_off
 from jaxlm.compress.prune import apply_masks
-from jaxlm.train.objectives import StepSpec, loss_sums
+from jaxlm.objectives import Objective
 
-def reference_model(graphdef, full_params, fixed_graphdef, fixed_params):
-    """objective=dpo: the frozen reference: a model of its own (``fixed_params``), or, under LoRA,
-    this model with its adapters off (no second copy of the weights)."""
-    if fixed_params is not None:
-        return nnx.merge(fixed_graphdef, fixed_params)
-    return nnx.merge(graphdef, jax.lax.stop_gradient(adapters_off(full_params)))
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """Static settings of the jitted steps: the objective (its own static settings), the
+    micro-batches per step and the seed of the step keys."""
+
+    objective: Objective
+    grad_accum: int = 1
+    seed: int = 0
 
 
 def ratios(loss_sum, count, stats) -> dict:
@@ -36,29 +41,25 @@ def ratios(loss_sum, count, stats) -> dict:
 
 def make_train_step(graphdef, tx, spec: StepSpec, lr_fn, *, dropout: bool = True, state_sharding=None,
                     fixed_graphdef=None):
-    """``train_step(state, batch) -> (state, metrics)``; batch: [B, T + 1] int32 rows (or a dict of
-    arrays, see ``loss_sums``); donated state.
+    """``train_step(state, batch) -> (state, metrics)``; batch: the objective's rows (a [B, T + 1]
+    int32 array or a dict of arrays); donated state.
 
     ``state_sharding`` (a tree like the state) pins the output layout on a mesh.
     """
 
+    objective = spec.objective
+
     def step(state, batch, frozen=None, masks=None, fixed_params=None):
         """``frozen``: parameters that take part in the model but are not trained (e.g. the base
         under LoRA adapters); ``masks``: pruning masks, re-applied after every update;
-        ``fixed_params``: a second model's, never differentiated: the teacher (objective=distill)
-        or the reference (objective=dpo; None under LoRA: the adapters switched off)."""
-        teacher = None
-        if spec.objective == "distill":
-            teacher = nnx.merge(fixed_graphdef, fixed_params)
-
+        ``fixed_params``: a second model's, never differentiated (the objective's ``fixed_model``:
+        distill's teacher, dpo's reference)."""
         def loss_fn(params, rows, key):
             k_drop, k_mask = jax.random.split(key)
             full = params if frozen is None else tree.merge(params, frozen)
-            reference = None
-            if spec.objective == "dpo":
-                reference = reference_model(graphdef, full, fixed_graphdef, fixed_params)
-            s, n, stats = loss_sums(nnx.merge(graphdef, full), rows, spec, key=k_drop if dropout else None,
-                                    mask_key=k_mask, teacher=teacher, reference=reference)
+            fixed = objective.fixed(graphdef, full, fixed_graphdef, fixed_params)
+            s, n, stats = objective.loss_sums(nnx.merge(graphdef, full), rows, key=k_drop if dropout else None,
+                                              mask_key=k_mask, fixed=fixed)
             return s, (n, stats)
 
         params, opt_state, step = state["params"], state["opt_state"], state["step"]
@@ -92,20 +93,13 @@ def make_train_step(graphdef, tx, spec: StepSpec, lr_fn, *, dropout: bool = True
 
 
 def make_eval_step(graphdef, spec: StepSpec, fixed_graphdef=None):
-    """``eval_step(params, batch, index, fixed_params=None) -> (loss sum, count, stats[, confusion])``;
-    no dropout, fixed MLM masks. ``fixed_params``: objective=dpo's reference (see make_train_step)."""
+    """``eval_step(params, batch, index, fixed_params=None) -> the objective's eval sums`` (loss
+    sum, count, stats[, more]); no dropout, fixed MLM masks. ``fixed_params``: see make_train_step."""
+    objective = spec.objective
 
     def step(params, batch, index, fixed_params=None):
         mask_key = jax.random.fold_in(jax.random.key(spec.seed + 1), index)
-        model = nnx.merge(graphdef, params)
-        if spec.objective == "classify":  # also a confusion matrix [true, predicted] for macro-F1
-            c = model.config.num_labels
-            pred = jnp.argmax(model(batch["ids"], batch["mask"]), axis=-1)
-            confusion = jax.nn.one_hot(batch["label"], c).T @ jax.nn.one_hot(pred, c)
-            return (*loss_sums(model, batch, spec), confusion)
-        reference = None
-        if spec.objective == "dpo":
-            reference = reference_model(graphdef, params, fixed_graphdef, fixed_params)
-        return loss_sums(model, batch, spec, mask_key=mask_key, reference=reference)
+        fixed = objective.fixed(graphdef, params, fixed_graphdef, fixed_params)
+        return objective.eval_sums(nnx.merge(graphdef, params), batch, mask_key=mask_key, fixed=fixed)
 
     return jax.jit(step)

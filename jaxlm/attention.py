@@ -1,7 +1,8 @@
 """Masks, dot-product attention and the multi-head / grouped-query attention layer.
 
 Dimension legend: B batch, T query length, S key length, D model, H query heads, K kv heads,
-G = H // K query heads per kv head, Dh head dim.
+G = H // K query heads per kv head, Dh head dim. Einsum strings use the same letters, lower case,
+with e for Dh (one letter each).
 """
 
 from __future__ import annotations
@@ -50,14 +51,14 @@ def einsum_attention(q, k, v, mask, *, dropout_rate: float = 0.0, key=None, scal
     b, t, h, dh = q.shape
     kh = k.shape[2]
     q = q.reshape(b, t, kh, h // kh, dh)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("btkge,bske->bkgts", q, k, preferred_element_type=jnp.float32)
     scores = scores.reshape(b, h, t, -1) * (dh ** -0.5 if scale is None else scale)
     if softcap is not None:
         scores = softcap * jnp.tanh(scores / softcap)
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
     dropped = dropout(probs, dropout_rate, key).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", dropped.reshape(b, kh, h // kh, t, -1), v)
+    out = jnp.einsum("bkgts,bske->btkge", dropped.reshape(b, kh, h // kh, t, -1), v)
     return out.reshape(b, t, h, dh), probs
 
 
@@ -99,13 +100,13 @@ def cached_attention(q, k, v, mask, *, scale: float | None = None, softcap: floa
         if out is not None:
             return out.astype(q.dtype)
     q = q.reshape(b, t, kh, h // kh, dh)
-    scores = jnp.einsum("btkgd,bksd->bkgts", q, k.astype(q.dtype), preferred_element_type=jnp.float32)
+    scores = jnp.einsum("btkge,bkse->bkgts", q, k.astype(q.dtype), preferred_element_type=jnp.float32)
     scores = scores * (dh ** -0.5 if scale is None else scale)
     if softcap is not None:
         scores = softcap * jnp.tanh(scores / softcap)
     scores = jnp.where(mask.reshape(b, 1, 1, t, -1), scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgts,bksd->btkgd", probs, v).astype(q.dtype).reshape(b, t, h, dh)
+    return jnp.einsum("bkgts,bkse->btkge", probs, v).astype(q.dtype).reshape(b, t, h, dh)
 
 
 class Attention(nnx.Module):
@@ -116,12 +117,12 @@ class Attention(nnx.Module):
         d, h, kh, dh = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
         dense = dict(std=cfg.init_std, dtype=jnp.dtype(cfg.dtype), rngs=rngs)
         qkv = dict(dense, use_bias=cfg.has_qkv_bias)
-        self.q = Dense("btd,dhk->bthk", (d, h, dh), ("embed", "heads", "kv"), **qkv, **dense_options(cfg, "q"))
-        self.k = Dense("btd,dhk->bthk", (d, kh, dh), ("embed", "kv_heads", "kv"), **qkv, **dense_options(cfg, "k"))
-        self.v = Dense("btd,dhk->bthk", (d, kh, dh), ("embed", "kv_heads", "kv"), **qkv, **dense_options(cfg, "v"))
-        self.o = Dense("bthk,hkd->btd", (h, dh, d), ("heads", "kv", "embed"), use_bias=cfg.use_bias, **dense,
+        self.q = Dense("btd,dhe->bthe", (d, h, dh), ("embed", "heads", "head_dim"), **qkv, **dense_options(cfg, "q"))
+        self.k = Dense("btd,dke->btke", (d, kh, dh), ("embed", "kv_heads", "head_dim"), **qkv, **dense_options(cfg, "k"))
+        self.v = Dense("btd,dke->btke", (d, kh, dh), ("embed", "kv_heads", "head_dim"), **qkv, **dense_options(cfg, "v"))
+        self.o = Dense("bthe,hed->btd", (h, dh, d), ("heads", "head_dim", "embed"), use_bias=cfg.use_bias, **dense,
                        **dense_options(cfg, "o"))
-        norm = dict(kind="rmsnorm", eps=cfg.norm_eps, unit_offset=cfg.norm_unit_offset, axis="kv")
+        norm = dict(kind="rmsnorm", eps=cfg.norm_eps, unit_offset=cfg.norm_unit_offset, axis="head_dim")
         self.q_norm = Norm(dh, **norm) if cfg.qk_norm else None
         self.k_norm = Norm(dh, **norm) if cfg.qk_norm else None
         self.rope = (tuple(float(f) for f in rope_frequencies(

@@ -38,7 +38,7 @@ def init_cache(cfg: ModelConfig, batch: int, length: int):
     {"k", "v": [L, B, K, S, Dh]} with scan_layers, else {"k", "v": L-tuples of [B, K, S, Dh]}
     (heads before slots: ``attention.write_cache`` says why)."""
     shape = (batch, cfg.kv_heads, length, cfg.dim_per_head)
-    axes = ("batch", "kv_heads", "length", "kv")  # on a mesh: rows over data, heads over tensor
+    axes = ("batch", "kv_heads", "length", "head_dim")  # on a mesh: rows over data, heads over tensor
     if cfg.scan_layers:
         return {n: constrain(jnp.zeros((cfg.n_layers, *shape), cfg.dtype), ("layers", *axes)) for n in ("k", "v")}
     return {n: tuple(constrain(jnp.zeros(shape, cfg.dtype), axes) for _ in range(cfg.n_layers)) for n in ("k", "v")}

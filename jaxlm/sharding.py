@@ -25,7 +25,7 @@ RULES: dict[str, tuple[str, ...] | str | None] = {
     "embed": "fsdp",
     "heads": "tensor",
     "kv_heads": "tensor",
-    "kv": None,
+    "head_dim": None,
     "mlp": "tensor",
     "vocab": "tensor",
     "layers": None,

@@ -63,7 +63,7 @@ def timed(run, steps: int):
         else:
             examples += len(rows)
             tokens += rows.shape[0] * (rows.shape[1] - 1)
-        run.state, metrics = run.train_step(run.state, run.to_device(rows), run.frozen, run.masks, run.fixed_params)
+        run.state, metrics = run.train_step(run.state, run.to_device(rows), run.frozen, run.masks, run.second_params)
     jax.block_until_ready(metrics)
     return time.perf_counter() - t, examples, tokens
 

@@ -39,7 +39,7 @@ def forward(model, inputs, segments=None):
     return model(inputs, segment_ids=segments)
 
 
-loss_sums_jit = nnx.jit(lambda model, batch, objective, fixed=None: objective.loss_sums(model, batch, fixed=fixed),
+loss_sums_jit = nnx.jit(lambda model, batch, objective, second=None: objective.loss_sums(model, batch, second=second),
                         static_argnums=2)  # (model, batch, objective, fixed=the dpo reference)
 
 
@@ -179,7 +179,7 @@ def test_dpo_loss_equals_formula_in_float64(tmp_path):
     cfg = CONFIGS["rope-gqa"]
     policy, reference = build_model(cfg, seed=0), build_model(cfg, seed=1)
     beta = 0.3
-    total, n, stats = loss_sums_jit(policy, batch, DPO(beta, sft_weight=0.0), fixed=reference)
+    total, n, stats = loss_sums_jit(policy, batch, DPO(beta, sft_weight=0.0), second=reference)
 
     renderer = Renderer(ByteTokenizer(), None)
     losses, margins, chosen_nll = [], [], []
@@ -198,10 +198,10 @@ def test_dpo_loss_equals_formula_in_float64(tmp_path):
     np.testing.assert_allclose(float(stats["reward_margin"][0]) / 8, np.mean(margins), rtol=1e-4, atol=1e-6)
     assert float(stats["reward_accuracy"][0]) == sum(m > 0 for m in margins)
     # RPO: + sft_weight x the chosen response's mean token NLL
-    rpo, _, _ = loss_sums_jit(policy, batch, DPO(beta, sft_weight=0.5), fixed=reference)
+    rpo, _, _ = loss_sums_jit(policy, batch, DPO(beta, sft_weight=0.5), second=reference)
     np.testing.assert_allclose(float(rpo) / 8, np.mean(np.array(losses) + 0.5 * np.array(chosen_nll)), rtol=1e-5)
     # The reference is the policy: every pair's loss is log 2.
-    same, _, _ = loss_sums_jit(policy, batch, DPO(beta, sft_weight=0.0), fixed=policy)
+    same, _, _ = loss_sums_jit(policy, batch, DPO(beta, sft_weight=0.0), second=policy)
     np.testing.assert_allclose(float(same) / 8, np.log(2), rtol=1e-6)
 
 

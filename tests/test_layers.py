@@ -79,7 +79,7 @@ def test_activations_match_formulas():
 
 
 def test_dense_multi_axis_kernel_and_bias():
-    d = Dense("btd,dhk->bthk", (6, 2, 3), ("embed", "heads", "kv"), use_bias=True, std=1.0,
+    d = Dense("btd,dhe->bthe", (6, 2, 3), ("embed", "heads", "head_dim"), use_bias=True, std=1.0,
               dtype=jnp.float32, rngs=nnx.Rngs(0))
     assert d.bias[...].shape == (2, 3)
     d.bias[...] = jnp.arange(6.0).reshape(2, 3)

@@ -30,7 +30,7 @@ def toy():
     class Doubled(CLM):
         name = "toy_doubled"
 
-        def loss_sums(self, model, rows, *, key=None, mask_key=None, fixed=None):
+        def loss_sums(self, model, rows, *, key=None, mask_key=None, second=None):
             total, count, stats = super().loss_sums(model, rows, key=key, mask_key=mask_key)
             return 2 * total, count, stats
 

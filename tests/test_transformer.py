@@ -133,7 +133,7 @@ def test_param_layout_is_stacked_with_logical_axes():
     q = state["layers"]["blocks"]["attn"]["q"]["kernel"]
     k = state["layers"]["blocks"]["attn"]["k"]["kernel"]
     assert q.shape == (3, 32, 4, 8) and k.shape == (3, 32, 2, 8)
-    assert q.get_metadata()["out_sharding"] == ("layers", "embed", "heads", "kv")
+    assert q.get_metadata()["out_sharding"] == ("layers", "embed", "heads", "head_dim")
     assert "lm_head" in state and "positions" not in state["embed"]
 
 

@@ -1,7 +1,7 @@
 """Training objectives, one module each, looked up by name: ``objectives.get("dpo")``.
 
 An objective (``base.Objective``) owns its rows, its default packing, its static step settings,
-its loss sums and eval metrics, its fixed model (a teacher, a reference) and how many batches an
+its loss sums and eval metrics, its second model (a teacher, a reference) and how many batches an
 evaluation reads; ``train`` and ``jaxlm eval`` ask it and never compare names. Adding an objective
 is one module with a ``@register``-ed class, imported below.
 """

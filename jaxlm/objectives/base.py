@@ -53,14 +53,14 @@ class Objective:
         return cfg, None
 
     @classmethod
-    def fixed_model(cls, cfg, model_cfg, mesh, log, *, graphdef, params, frozen, base_params):
+    def second_model(cls, cfg, model_cfg, mesh, log, *, graphdef, params, frozen, base_params):
         """A second, untrained model the loss needs, as (graphdef, params on the mesh, extra), or
         None (see distill's teacher, dpo's reference)."""
         return None
 
     @classmethod
-    def from_run(cls, cfg, tokenizer, fixed) -> "Objective":
-        """The static step settings of a run (``fixed``: ``fixed_model``'s result)."""
+    def from_run(cls, cfg, tokenizer, second) -> "Objective":
+        """The static step settings of a run (``second``: ``second_model``'s result)."""
         return cls()
 
     @classmethod
@@ -89,19 +89,19 @@ class Objective:
 
     # -- inside the jitted steps -----------------------------------------------------------------
 
-    def fixed(self, graphdef, full_params, fixed_graphdef, fixed_params):
+    def second(self, graphdef, full_params, second_graphdef, second_params):
         """The second model as the loss takes it (None: none)."""
         return None
 
-    def loss_sums(self, model, rows, *, key=None, mask_key=None, fixed=None):
+    def loss_sums(self, model, rows, *, key=None, mask_key=None, second=None):
         """(sum of losses, number of scored tokens or examples, stats) of one batch; ``stats`` maps
         a metric name to (numerator sum, denominator sum), so micro-batches and hosts add up
-        exactly. ``key`` turns dropout on; ``mask_key`` draws MLM masks; ``fixed``: ``fixed``'s model."""
+        exactly. ``key`` turns dropout on; ``mask_key`` draws MLM masks; ``second``: ``second``'s model."""
         raise NotImplementedError
 
-    def eval_sums(self, model, rows, *, mask_key, fixed=None) -> tuple:
+    def eval_sums(self, model, rows, *, mask_key, second=None) -> tuple:
         """``loss_sums`` without dropout, and whatever else an evaluation adds up (a tuple)."""
-        return self.loss_sums(model, rows, mask_key=mask_key, fixed=fixed)
+        return self.loss_sums(model, rows, mask_key=mask_key, second=second)
 
     # -- after an evaluation ----------------------------------------------------------------------
 

@@ -46,14 +46,14 @@ class Classify(Objective):
     def eval_batches(self, n_rows, batch_size, requested, *, report=False):
         return n_rows // batch_size  # every full batch: the metrics cover the split
 
-    def loss_sums(self, model, rows, *, key=None, mask_key=None, fixed=None):
+    def loss_sums(self, model, rows, *, key=None, mask_key=None, second=None):
         logits = model(rows["ids"], rows["mask"], key=key)  # [B, C]
         nll, target_logit = token_nll(logits, rows["label"])
         correct = (target_logit >= jax.lax.stop_gradient(logits.max(-1))).astype(jnp.float32)
         n = jnp.float32(nll.shape[0])
         return nll.sum(), n, {"accuracy": (correct.sum(), n)}
 
-    def eval_sums(self, model, rows, *, mask_key, fixed=None) -> tuple:
+    def eval_sums(self, model, rows, *, mask_key, second=None) -> tuple:
         """The loss sums and a confusion matrix [true, predicted] (macro-F1)."""
         c = model.config.num_labels
         pred = jnp.argmax(model(rows["ids"], rows["mask"]), axis=-1)

@@ -20,7 +20,7 @@ class CLM(Objective):
     segments_eos: int | None = None  # data.packing=segments: an EOS input starts a new segment (no attention across)
 
     @classmethod
-    def from_run(cls, cfg, tokenizer, fixed):
+    def from_run(cls, cfg, tokenizer, second):
         return cls(segments_eos=tokenizer.eos_id if cls.packing(cfg) == "segments" else None)
 
     def rows(self, cfg, split, tokenizer, *, evaluation=False, template=None, prepared=None, log=None):
@@ -31,7 +31,7 @@ class CLM(Objective):
         segments = None if self.segments_eos is None else segments_from_eos(rows[:, :-1], self.segments_eos)
         return rows[:, :-1], rows[:, 1:], jnp.ones(rows[:, 1:].shape, jnp.float32), segments
 
-    def loss_sums(self, model, rows, *, key=None, mask_key=None, fixed=None):
+    def loss_sums(self, model, rows, *, key=None, mask_key=None, second=None):
         inputs, targets, weights, segments = self.tokens(model, rows, mask_key)
         logits = forward(model, inputs, segments, key)
         return token_sums(logits, token_nll(logits, targets)[0], targets, weights)

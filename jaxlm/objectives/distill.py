@@ -39,7 +39,7 @@ class Distill(Objective):
             raise ValueError("train.objective=distill needs distill.teacher=PATH (any model jaxlm.load accepts)")
 
     @classmethod
-    def fixed_model(cls, cfg, model_cfg, mesh, log, **_):
+    def second_model(cls, cfg, model_cfg, mesh, log, **_):
         """(graphdef, params on the mesh, layer pairs) of distill.teacher, checked against the student."""
         t_cfg, t_params, _ = read_base(cfg.distill.teacher, "distill.teacher")
         distill.check_teacher(cfg.model, t_cfg)
@@ -52,10 +52,10 @@ class Distill(Objective):
         return model_graphdef(t_cfg), t_params, pairs
 
     @classmethod
-    def from_run(cls, cfg, tokenizer, fixed):
+    def from_run(cls, cfg, tokenizer, second):
         dc = cfg.distill
         base = (CLM if cfg.model.causal else MLM).from_run(cfg, tokenizer, None)
-        return cls(dc.temperature, dc.alpha, dc.attention_weight, fixed[2] if fixed else (), base)
+        return cls(dc.temperature, dc.alpha, dc.attention_weight, second[2] if second else (), base)
 
     @classmethod
     def scored_by(cls, model_config) -> str:
@@ -64,16 +64,16 @@ class Distill(Objective):
     def rows(self, cfg, split, tokenizer, *, evaluation=False, template=None, prepared=None, log=None):
         return packed_rows(cfg.data, split, tokenizer, log)
 
-    def fixed(self, graphdef, full_params, fixed_graphdef, fixed_params):
-        return None if fixed_params is None else nnx.merge(fixed_graphdef, fixed_params)
+    def second(self, graphdef, full_params, second_graphdef, second_params):
+        return None if second_params is None else nnx.merge(second_graphdef, second_params)
 
-    def loss_sums(self, model, rows, *, key=None, mask_key=None, fixed=None):
-        """The distillation loss per scored token against the ``fixed`` teacher (without one:
+    def loss_sums(self, model, rows, *, key=None, mask_key=None, second=None):
+        """The distillation loss per scored token against the ``second`` model (the teacher) (without one:
         the student's own loss); the attention term is added as its mean times the number of
         scored tokens."""
-        if fixed is None:
+        if second is None:
             return self.base.loss_sums(model, rows, key=key, mask_key=mask_key)
-        teacher = fixed
+        teacher = second
         inputs, targets, weights, segments = self.base.tokens(model, rows, mask_key)
         seg = dict(segment_ids=segments)
         extra = 0.0
@@ -88,5 +88,5 @@ class Distill(Objective):
                                          alpha=self.alpha)
         return token_sums(logits, per_token, targets, weights, extra)
 
-    def eval_sums(self, model, rows, *, mask_key, fixed=None) -> tuple:
+    def eval_sums(self, model, rows, *, mask_key, second=None) -> tuple:
         return self.base.loss_sums(model, rows, mask_key=mask_key)  # the student's own loss

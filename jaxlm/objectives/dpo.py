@@ -63,7 +63,7 @@ class DPO(Objective):
     sft_weight: float
 
     @classmethod
-    def from_run(cls, cfg, tokenizer, fixed):
+    def from_run(cls, cfg, tokenizer, second):
         return cls(cfg.dpo.beta, cfg.dpo.sft_weight)
 
     @classmethod
@@ -73,7 +73,7 @@ class DPO(Objective):
                          "with train.objective=sft data.path=SFT_DATA")
 
     @classmethod
-    def fixed_model(cls, cfg, model_cfg, mesh, log, *, graphdef, params, frozen, base_params):
+    def second_model(cls, cfg, model_cfg, mesh, log, *, graphdef, params, frozen, base_params):
         """(graphdef, params on the mesh, None) of the frozen reference, or None under LoRA from a
         base without adapters (the reference is then the model with its adapters off)."""
         if cfg.dpo.reference:
@@ -104,12 +104,12 @@ class DPO(Objective):
     def eval_batches(self, n_rows, batch_size, requested, *, report=False):
         return min(n_rows // batch_size, requested)  # small splits: each row once at most
 
-    def fixed(self, graphdef, full_params, fixed_graphdef, fixed_params):
-        """The frozen reference: a model of its own (``fixed_params``), or, under LoRA, this model
+    def second(self, graphdef, full_params, second_graphdef, second_params):
+        """The frozen reference: a model of its own (``second_params``), or, under LoRA, this model
         with its adapters off (no second copy of the weights)."""
-        if fixed_params is not None:
-            return nnx.merge(fixed_graphdef, fixed_params)
+        if second_params is not None:
+            return nnx.merge(second_graphdef, second_params)
         return nnx.merge(graphdef, jax.lax.stop_gradient(adapters_off(full_params)))
 
-    def loss_sums(self, model, rows, *, key=None, mask_key=None, fixed=None):
-        return dpo_sums(model, fixed, rows, self.beta, self.sft_weight)
+    def loss_sums(self, model, rows, *, key=None, mask_key=None, second=None):
+        return dpo_sums(model, second, rows, self.beta, self.sft_weight)

@@ -44,7 +44,7 @@ class MLM(CLM):
         needs_mask(cfg, tokenizer)
 
     @classmethod
-    def from_run(cls, cfg, tokenizer, fixed):
+    def from_run(cls, cfg, tokenizer, second):
         return cls(segments_eos=tokenizer.eos_id if cls.packing(cfg) == "segments" else None,
                    mask_id=tokenizer.mask_id, special_ids=tokenizer.special_ids, prob=cfg.train.mlm_prob)
 

@@ -29,7 +29,7 @@ class SFT(Objective):
         # Small splits: each row once at most; jaxlm eval scores every example.
         return n_rows // batch_size if report else min(n_rows // batch_size, requested)
 
-    def loss_sums(self, model, rows, *, key=None, mask_key=None, fixed=None):
+    def loss_sums(self, model, rows, *, key=None, mask_key=None, second=None):
         logits = forward(model, rows["inputs"], rows["segments"], key)
         targets = rows["targets"]
         return token_sums(logits, token_nll(logits, targets)[0], targets, rows["weights"].astype("float32"))

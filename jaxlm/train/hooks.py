@@ -91,30 +91,30 @@ class Pruner:
     """Magnitude masks on the schedule of ``prune.*``; recomputed from the current weights each
     time the scheduled sparsity changes (and on resume, where the zeros give the same masks)."""
 
-    def __init__(self, pc: PruneConfig, log):
-        check_sparsity(pc.sparsity)
+    def __init__(self, prune: PruneConfig, log):
+        check_sparsity(prune.sparsity)
         if jax.process_count() > 1:  # masks are computed on the host from the gathered weights
             raise ValueError("prune.sparsity works in single-process runs (one host, any number of devices)")
-        self.pc, self.log = pc, log
+        self.prune, self.log = prune, log
 
     def level(self, step: int) -> float:
-        pc = self.pc
-        if step < pc.start:
+        p = self.prune
+        if step < p.start:
             return 0.0
-        if pc.end <= pc.start:
-            return pc.sparsity
-        last = pc.start + ((min(step, pc.end) - pc.start) // pc.every) * pc.every
-        return sparsity_at(pc.end if step >= pc.end else last, final=pc.sparsity, start=pc.start, end=pc.end)
+        if p.end <= p.start:
+            return p.sparsity
+        last = p.start + ((min(step, p.end) - p.start) // p.every) * p.every
+        return sparsity_at(p.end if step >= p.end else last, final=p.sparsity, start=p.start, end=p.end)
 
     def changes_at(self, step: int) -> bool:
-        return step >= self.pc.start and self.level(step) != self.level(step - 1)
+        return step >= self.prune.start and self.level(step) != self.level(step - 1)
 
     def masks_for(self, step: int, state):
         """Masks for the steps after ``step`` (None below any sparsity); applied to state["params"]."""
         level = self.level(step)
         if level == 0:
             return None
-        masks = magnitude_masks(state["params"], level, scope=self.pc.scope)
+        masks = magnitude_masks(state["params"], level, scope=self.prune.scope)
         masks = jax.tree.map(lambda m, p: jax.device_put(m, p.sharding), masks, _like(masks, state["params"]))
         state["params"] = apply_masks(state["params"], masks)
         self.log(f"step {step}: pruned to sparsity {level:.3f}")

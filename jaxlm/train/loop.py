@@ -60,7 +60,7 @@ class Trainer:
         run = self.run
         for step in range(run.start + 1, run.total + 1):
             batch = run.to_device(next(run.train_iter))
-            run.state, metrics = run.train_step(run.state, batch, run.frozen, run.masks, run.fixed_params)
+            run.state, metrics = run.train_step(run.state, batch, run.frozen, run.masks, run.second_params)
             yield StepInfo(step, run, metrics, final=step == run.total, stopping=self.stop_requested)
 
     def flush(self) -> None:

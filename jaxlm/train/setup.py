@@ -47,11 +47,11 @@ class Run:
     tokenizer: Tokenizer
     mesh: Any
     objective: Objective  # the objective's static step settings (it is asked what the run's objective does)
-    train_step: Callable  # (state, batch, frozen, masks, fixed_params) -> (state, metrics)
+    train_step: Callable  # (state, batch, frozen, masks, second_params) -> (state, metrics)
     eval_step: Callable  # (params, batch, index) -> the objective's eval sums
     state: dict  # {"params": trainable params, "opt_state", "step"}, on the mesh
     frozen: dict | None  # parameters that take part but do not train (a LoRA / prompt-tuning base)
-    fixed_params: dict | None  # a second, untrained model: distill's teacher, dpo's reference
+    second_params: dict | None  # a second, untrained model: distill's teacher, dpo's reference
     train_iter: Any  # checkpointable grain iterator of this host's rows
     val_rows: Any
     to_device: Callable  # this host's rows -> global arrays split over data x fsdp
@@ -136,7 +136,7 @@ def _build(cfg: Config, log, objective: type[Objective], base_params, tokenizer,
     if pc > 1:
         log(f"process {pi} of {pc}: {jax.local_device_count()} local devices, {jax.device_count()} in all; "
             f"mesh data={mesh.shape['data']} fsdp={mesh.shape['fsdp']} tensor={mesh.shape['tensor']}")
-    rows_of = objective.from_run(cfg, tokenizer, None)  # the rows do not depend on the fixed model
+    rows_of = objective.from_run(cfg, tokenizer, None)  # the rows do not depend on the second model
     train_rows, val_rows = (rows_of.rows(cfg, split, tokenizer, evaluation=split != "train", template=template,
                                          prepared=prepared, log=log) for split in ("train", "validation"))
     it = loader(train_rows, batch_size=cfg.data.batch_size, seed=cfg.train.seed, process_index=pi,
@@ -147,7 +147,7 @@ def _build(cfg: Config, log, objective: type[Objective], base_params, tokenizer,
     graphdef = model_graphdef(model_cfg)
     state_programs = _state_programs(model_cfg, mesh, cfg.adapt.method, cfg.optim, cfg.train.steps, cfg.train.seed)
     params, frozen = _init_params(cfg, model_cfg, state_programs, base_params)
-    fixed = objective.fixed_model(cfg, model_cfg, mesh, log, graphdef=graphdef, params=params, frozen=frozen,
+    second = objective.second_model(cfg, model_cfg, mesh, log, graphdef=graphdef, params=params, frozen=frozen,
                                   base_params=base_params)
     opt_state = state_programs.opt_init(params)
     rows_sharding = batch_sharding(mesh)
@@ -172,15 +172,15 @@ def _build(cfg: Config, log, objective: type[Objective], base_params, tokenizer,
         tokenizer.save(workdir)
         _truncate_metrics(workdir / "metrics.jsonl", start)
 
-    spec = StepSpec(objective.from_run(cfg, tokenizer, fixed), cfg.optim.grad_accum, cfg.train.seed)
+    spec = StepSpec(objective.from_run(cfg, tokenizer, second), cfg.optim.grad_accum, cfg.train.seed)
     train_step, eval_step = _step_programs(model_cfg, mesh, cfg.adapt.method, cfg.optim, cfg.train.steps,
-                                           cfg.train.seed, spec, fixed and fixed[0])
+                                           cfg.train.seed, spec, second and second[0])
     step = jax.device_put(jnp.int32(start), state_programs.state_sharding["step"])
     state = {"params": params, "opt_state": opt_state, "step": step}
-    fixed_params = fixed and fixed[1]
+    second_params = second and second[1]
     return Run(cfg=cfg, workdir=workdir, log=log, tokenizer=tokenizer, mesh=mesh, objective=spec.objective,
-               train_step=train_step, eval_step=functools.partial(eval_step, fixed_params=fixed_params), state=state,
-               frozen=frozen, fixed_params=fixed_params, train_iter=it, val_rows=val_rows, to_device=to_device,
+               train_step=train_step, eval_step=functools.partial(eval_step, second_params=second_params), state=state,
+               frozen=frozen, second_params=second_params, train_iter=it, val_rows=val_rows, to_device=to_device,
                checkpoints=ckpts, start=start)
 
 
@@ -247,14 +247,14 @@ def _state_programs(model_cfg: ModelConfig, mesh, method: str, optim, steps: int
 
 @functools.lru_cache(maxsize=4)
 def _step_programs(model_cfg: ModelConfig, mesh, method: str, optim, steps: int, seed: int, spec: StepSpec,
-                   fixed_graphdef):
-    """(train_step, eval_step); ``fixed_graphdef``: the teacher's or the DPO reference's, or None."""
+                   second_graphdef):
+    """(train_step, eval_step); ``second_graphdef``: the teacher's or the DPO reference's, or None."""
     s = _state_programs(model_cfg, mesh, method, optim, steps, seed)
     graphdef = model_graphdef(model_cfg)
     train_step = make_train_step(graphdef, s.tx, spec, schedule(optim, steps),
                                  dropout=model_cfg.dropout > 0 or model_cfg.attention_dropout > 0,
-                                 state_sharding=s.state_sharding, fixed_graphdef=fixed_graphdef)
-    return train_step, make_eval_step(graphdef, spec, fixed_graphdef)
+                                 state_sharding=s.state_sharding, second_graphdef=second_graphdef)
+    return train_step, make_eval_step(graphdef, spec, second_graphdef)
 
 
 def _init_params(cfg: Config, model_cfg: ModelConfig, programs: StatePrograms, base_params):

@@ -40,7 +40,7 @@ def ratios(loss_sum, count, stats) -> dict:
 
 
 def make_train_step(graphdef, tx, spec: StepSpec, lr_fn, *, dropout: bool = True, state_sharding=None,
-                    fixed_graphdef=None):
+                    second_graphdef=None):
     """``train_step(state, batch) -> (state, metrics)``; batch: the objective's rows (a [B, T + 1]
     int32 array or a dict of arrays); donated state.
 
@@ -49,17 +49,17 @@ def make_train_step(graphdef, tx, spec: StepSpec, lr_fn, *, dropout: bool = True
 
     objective = spec.objective
 
-    def step(state, batch, frozen=None, masks=None, fixed_params=None):
+    def step(state, batch, frozen=None, masks=None, second_params=None):
         """``frozen``: parameters that take part in the model but are not trained (e.g. the base
         under LoRA adapters); ``masks``: pruning masks, re-applied after every update;
-        ``fixed_params``: a second model's, never differentiated (the objective's ``fixed_model``:
+        ``second_params``: a second model's, never differentiated (the objective's ``fixed_model``:
         distill's teacher, dpo's reference)."""
         def loss_fn(params, rows, key):
             k_drop, k_mask = jax.random.split(key)
             full = params if frozen is None else tree.merge(params, frozen)
-            fixed = objective.fixed(graphdef, full, fixed_graphdef, fixed_params)
+            second = objective.second(graphdef, full, second_graphdef, second_params)
             s, n, stats = objective.loss_sums(nnx.merge(graphdef, full), rows, key=k_drop if dropout else None,
-                                              mask_key=k_mask, fixed=fixed)
+                                              mask_key=k_mask, second=second)
             return s, (n, stats)
 
         params, opt_state, step = state["params"], state["opt_state"], state["step"]
@@ -92,14 +92,14 @@ def make_train_step(graphdef, tx, spec: StepSpec, lr_fn, *, dropout: bool = True
     return jax.jit(step, donate_argnums=0, out_shardings=out)
 
 
-def make_eval_step(graphdef, spec: StepSpec, fixed_graphdef=None):
-    """``eval_step(params, batch, index, fixed_params=None) -> the objective's eval sums`` (loss
-    sum, count, stats[, more]); no dropout, fixed MLM masks. ``fixed_params``: see make_train_step."""
+def make_eval_step(graphdef, spec: StepSpec, second_graphdef=None):
+    """``eval_step(params, batch, index, second_params=None) -> the objective's eval sums`` (loss
+    sum, count, stats[, more]); no dropout, fixed MLM masks. ``second_params``: see make_train_step."""
     objective = spec.objective
 
-    def step(params, batch, index, fixed_params=None):
+    def step(params, batch, index, second_params=None):
         mask_key = jax.random.fold_in(jax.random.key(spec.seed + 1), index)
-        fixed = objective.fixed(graphdef, params, fixed_graphdef, fixed_params)
-        return objective.eval_sums(nnx.merge(graphdef, params), batch, mask_key=mask_key, fixed=fixed)
+        second = objective.second(graphdef, params, second_graphdef, second_params)
+        return objective.eval_sums(nnx.merge(graphdef, params), batch, mask_key=mask_key, second=second)
 
     return jax.jit(step)

@@ -279,18 +279,20 @@ def test_prefill_scores_the_prompt_left_or_right_padded(lm):
     rows = [lm.tokenizer.encode(p) for p in PROMPTS]
     run = jax.jit(lambda params, ids, mask: prefill(nnx.merge(lm.graphdef, params), ids, mask, 20,
                                                     prompt_logprobs=True))
+    left = _padded(rows, 16, "left")
+    raw = np.asarray(lm.logits(*left))  # [3, 16, V]: the full forward of the left-padded rows
+    full = raw.astype(np.float64) - raw.max(-1, keepdims=True)
+    logp = full - np.log(np.exp(full).sum(-1, keepdims=True))
     for side in ("left", "right"):
         pre = run(lm.params, *_padded(rows, 16, side))
         for i, r in enumerate(rows):
-            logits = np.asarray(lm.logits([r]))[0].astype(np.float64)
-            lp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
-                - logits.max(-1, keepdims=True)
-            want = lp[np.arange(len(r) - 1), r[1:]]
+            real = np.arange(16 - len(r), 16)  # row i's positions in the reference batch
+            want = logp[i, real[:-1], r[1:]]
             start = 16 - len(r) if side == "left" else 0
             got = np.asarray(pre.prompt_logprobs[i])
             np.testing.assert_allclose(got[start + 1:start + len(r)], want, atol=2e-5, err_msg=side)
             assert (got[:start + 1] == 0).all() and (got[start + len(r):] == 0).all()
-            np.testing.assert_allclose(np.asarray(pre.logits[i]), logits[-1], atol=1e-4)
+            np.testing.assert_allclose(np.asarray(pre.logits[i]), raw[i, -1], atol=1e-4)
             assert (int(pre.first[i]), int(pre.slot[i])) == (start, start + len(r))
 
 
@@ -321,19 +323,19 @@ def test_decode_step_draws_only_the_tokens_a_rows_bitmask_allows(lm):
         state = Rows(cache=pre.cache, slot=pre.slot, first=pre.first, token=jnp.argmax(pre.logits, -1).astype(jnp.int32),
                      step=jnp.ones(4, jnp.int32), key=jax.random.split(jax.random.key(3), 4), temperature=temperature,
                      top_k=jnp.zeros(4, jnp.int32), top_p=jnp.ones(4), want=jnp.zeros(4, bool), bitmask=bitmask)
-        out = []
-        for _ in range(6):
-            state, (tok, *_) = decode_step(model, state, jnp.ones(4, bool), greedy=False)
-            out.append(tok)
-        return state.token, jnp.stack(out, 1), pre.logits
 
-    _, masked, first_logits = run(lm.params, jnp.asarray(bitmask))
-    _, free, _ = run(lm.params, None)
+        def step(state, _):
+            state, (tok, *_) = decode_step(model, state, jnp.ones(4, bool), greedy=False)
+            return state, tok
+
+        return jax.lax.scan(step, state, None, length=5)[1].T, pre.logits
+
+    masked, first_logits = run(lm.params, jnp.asarray(bitmask))
+    free, _ = run(lm.params, None)
     masked, free = np.asarray(masked), np.asarray(free)
     np.testing.assert_array_equal(masked[[1, 3]], free[[1, 3]])
     assert np.isin(masked[[0, 2]], allowed).all() and not np.isin(free[[0, 2]], allowed).all()
-    seq = prompts[0] + [int(np.argmax(first_logits[0]))]
-    for tok in masked[0]:
-        logits = np.asarray(lm.logits([seq]))[0, -1]
-        assert tok == allowed[np.argmax(logits[allowed])]
-        seq.append(int(tok))
+    # Row 0 against the full forward over its whole sequence (causal: position t scores token t + 1).
+    seq = prompts[0] + [int(np.argmax(first_logits[0]))] + masked[0].tolist()
+    logits = np.asarray(lm.logits([seq]))[0, len(prompts[0]):len(seq) - 1]
+    np.testing.assert_array_equal(masked[0], allowed[np.argmax(logits[:, allowed], axis=-1)])

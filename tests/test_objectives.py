@@ -4,6 +4,7 @@ its evaluation and ``jaxlm eval`` ask it what to do and never compare names."""
 import ast
 import dataclasses
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -47,24 +48,24 @@ def evals(workdir):
 
 def test_a_toy_objective_needs_no_edit_outside_its_file(toy, tmp_path):
     """Registered in this test, the toy objective trains through jaxlm's own train(), its loss and
-    metric reach metrics.jsonl, and it is listed among the objectives a bad name is told about:
-    at step 0 (the same initial model, the same validation rows) its val_loss is twice clm's."""
+    metric reach metrics.jsonl, and it is listed among the objectives a bad name is told about. At
+    step 0 a fresh byte-level model's mean NLL is about ln 259 (test_train checks clm's to 0.3):
+    the toy's val_loss is twice that."""
     corpus = tmp_path / "text"
     corpus.mkdir()
     for f in sorted(stdlib_dir().glob("*.py"))[:20]:
         shutil.copy(f, corpus / f.name)
     common = [*TINY, f"data.path={corpus}", f"data.data_dir={tmp_path / 'cache'}"]
-    for name in ("clm", "toy_doubled"):
-        train(load_config(None, [*common, f"train.objective={name}", f"train.workdir={tmp_path / name}"]),
-              log=lambda msg: None)
-    clm, doubled = evals(tmp_path / "clm")[0], evals(tmp_path / "toy_doubled")[0]
-    assert clm["step"] == doubled["step"] == 0
-    assert doubled["val_loss"] == pytest.approx(2 * clm["val_loss"], rel=1e-6)
-    assert doubled["val_half_loss"] == pytest.approx(clm["val_loss"], rel=1e-6)
-    assert "val_half_loss" not in clm
+    train(load_config(None, [*common, "train.objective=toy_doubled", f"train.workdir={tmp_path / 'toy'}"]),
+          log=lambda msg: None)
+    first, last = evals(tmp_path / "toy")
+    assert (first["step"], last["step"]) == (0, 1)
+    assert abs(first["val_loss"] - 2 * math.log(259)) < 0.6
+    assert first["val_half_loss"] == pytest.approx(first["val_loss"] / 2, rel=1e-6)
     with pytest.raises(ValueError, match=r"train.objective='toy_doubld' is not one of clm, .*toy_doubled"
                                          r" \(did you mean 'toy_doubled'\?\)"):
         train(load_config(None, [*common, "train.objective=toy_doubld", f"train.workdir={tmp_path / 'x'}"]))
+    assert not (tmp_path / "x").exists()  # refused before anything is written
 
 
 def test_no_module_outside_the_registry_compares_objective_names():
